@@ -1,0 +1,142 @@
+"""The conditional PixelCNN++ network (Salimans et al., 2017), built from a plain config dict.
+
+model(x, labels): x in [-1, 1], [B, 3, H, W]; labels [B] (None when num_classes is 0)
+                  -> mixture parameters [B, 10 * nr_logistic_mix, H, W].
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import (BLOCK_CONDITIONING, NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d,
+                    DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, right_shift)
+
+MODEL_DEFAULTS = {
+    "nr_resnet": 5,
+    "nr_filters": 160,
+    "nr_logistic_mix": 10,
+    "dropout": 0.5,
+    "num_classes": 4,
+    "embedding_dim": 32,
+    "block_conditioning": "none",
+    "image_size": 32,
+}
+NUM_RESOLUTIONS = 3  # 32, 16, 8 for a 32x32 input
+
+
+def validate_model_config(config):
+    """Fill in defaults and check every key and value; errors name the key and what is allowed."""
+    unknown = sorted(set(config) - set(MODEL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown model config key {unknown[0]!r}; allowed: {sorted(MODEL_DEFAULTS)}")
+    config = {**MODEL_DEFAULTS, **config}
+    for key in ("nr_resnet", "nr_filters", "nr_logistic_mix", "image_size"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"model config {key!r} must be a positive integer, got {config[key]!r}")
+    for key in ("num_classes", "embedding_dim"):
+        if not isinstance(config[key], int) or config[key] < 0:
+            raise ValueError(f"model config {key!r} must be an integer >= 0, got {config[key]!r}")
+    if config["block_conditioning"] not in BLOCK_CONDITIONING:
+        raise ValueError(f"model config 'block_conditioning' must be one of {list(BLOCK_CONDITIONING)}, "
+                         f"got {config['block_conditioning']!r}")
+    if not 0.0 <= float(config["dropout"]) < 1.0:
+        raise ValueError(f"model config 'dropout' must be in [0, 1), got {config['dropout']!r}")
+    if config["image_size"] % 4:
+        raise ValueError(f"model config 'image_size' must be a multiple of 4, got {config['image_size']}")
+    return config
+
+
+class PixelCNNpp(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = validate_model_config(config)
+        c = self.config
+        nf, nr = c["nr_filters"], c["nr_resnet"]
+        self.num_classes = c["num_classes"]
+        self.label_embedding = (nn.Embedding(c["num_classes"], c["embedding_dim"])
+                                if c["num_classes"] and c["embedding_dim"] else None)
+        in_channels = 3 + 1 + (c["embedding_dim"] if self.label_embedding is not None else 0)
+
+        def resnet(conv_class, skip_channels=0):
+            return GatedResnet(nf, conv_class, skip_channels, c["dropout"],
+                               c["num_classes"], c["block_conditioning"])
+
+        def stack(conv_class, n, skip_channels):
+            return nn.ModuleList(resnet(conv_class, skip_channels) for _ in range(n))
+
+        # First layers: u sees the rows above; ul sees the rows above and the pixels to the left.
+        self.u_init = DownShiftedConv2d(in_channels, nf, (2, 3))
+        self.ul_init_up = DownShiftedConv2d(in_channels, nf, (1, 3))
+        self.ul_init_left = DownRightShiftedConv2d(in_channels, nf, (2, 1))
+
+        down_counts = [nr] + [nr + 1] * (NUM_RESOLUTIONS - 1)
+        self.up_u = nn.ModuleList(stack(DownShiftedConv2d, nr, 0) for _ in range(NUM_RESOLUTIONS))
+        self.up_ul = nn.ModuleList(stack(DownRightShiftedConv2d, nr, nf) for _ in range(NUM_RESOLUTIONS))
+        self.down_u = nn.ModuleList(stack(DownShiftedConv2d, n, nf) for n in down_counts)
+        self.down_ul = nn.ModuleList(stack(DownRightShiftedConv2d, n, 2 * nf) for n in down_counts)
+
+        n_scale = NUM_RESOLUTIONS - 1
+        self.downsize_u = nn.ModuleList(DownShiftedConv2d(nf, nf, (2, 3), stride=2) for _ in range(n_scale))
+        self.downsize_ul = nn.ModuleList(DownRightShiftedConv2d(nf, nf, (2, 2), stride=2) for _ in range(n_scale))
+        self.upsize_u = nn.ModuleList(DownShiftedDeconv2d(nf, nf, (2, 3)) for _ in range(n_scale))
+        self.upsize_ul = nn.ModuleList(DownRightShiftedDeconv2d(nf, nf, (2, 2)) for _ in range(n_scale))
+
+        self.out = NIN(nf, 10 * c["nr_logistic_mix"])
+
+    def check_inputs(self, x, labels):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"input x must have shape [B, 3, H, W] (3 channels, RGB), got {list(x.shape)}")
+        if x.shape[2] % 4 or x.shape[3] % 4:
+            raise ValueError(f"input height and width must be multiples of 4, got {list(x.shape[2:])}")
+        if self.num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels were given to an unconditional model (num_classes 0); pass None")
+            return
+        if labels is None:
+            raise ValueError(f"labels are required: the model has num_classes {self.num_classes}")
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape [B] = [{x.shape[0]}], got {list(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must be in 0..{self.num_classes - 1} (num_classes), "
+                             f"got values in {labels.min().item()}..{labels.max().item()}")
+
+    def embed_input(self, x, labels):
+        """[B,3,H,W] -> [B, 4 + embedding_dim, H, W]: a ones channel (padding differs from black)
+        and the label embedding broadcast over every pixel."""
+        parts = [x, torch.ones_like(x[:, :1])]
+        if self.label_embedding is not None:
+            emb = self.label_embedding(labels).to(x.dtype)  # [B, E]
+            parts.append(emb[:, :, None, None].expand(-1, -1, *x.shape[2:]))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x, labels=None):
+        self.check_inputs(x, labels)
+        h = self.embed_input(x, labels)
+
+        # Up pass: keep every activation for the skips.
+        u_list = [down_shift(self.u_init(h))]
+        ul_list = [down_shift(self.ul_init_up(h)) + right_shift(self.ul_init_left(h))]
+        for level in range(NUM_RESOLUTIONS):
+            for u_block, ul_block in zip(self.up_u[level], self.up_ul[level]):
+                u_list.append(u_block(u_list[-1], labels=labels))
+                ul_list.append(ul_block(ul_list[-1], u_list[-1], labels=labels))
+            if level < NUM_RESOLUTIONS - 1:
+                u_list.append(self.downsize_u[level](u_list[-1]))    # [B, F, H/2, W/2]
+                ul_list.append(self.downsize_ul[level](ul_list[-1]))
+
+        # Down pass: consume the skips in reverse.
+        u, ul = u_list.pop(), ul_list.pop()
+        for level in range(NUM_RESOLUTIONS):
+            for u_block, ul_block in zip(self.down_u[level], self.down_ul[level]):
+                u = u_block(u, u_list.pop(), labels=labels)
+                ul = ul_block(ul, torch.cat([u, ul_list.pop()], dim=1), labels=labels)
+            if level < NUM_RESOLUTIONS - 1:
+                u = self.upsize_u[level](u)      # [B, F, 2H, 2W]
+                ul = self.upsize_ul[level](ul)
+        assert not u_list and not ul_list, "every up-pass activation feeds exactly one skip"
+
+        return self.out(F.elu(ul))  # [B, 10 * M, H, W]
+
+
+def build_model(config):
+    """The PixelCNN++ described by `config` (model keys only; see MODEL_DEFAULTS)."""
+    return PixelCNNpp(config)
