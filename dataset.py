@@ -1,0 +1,328 @@
+"""Data: readers for the CPEN455 layout and for plain image folders, the transform to model input,
+and the generator of the procedural demo data set.
+
+Items are `(id, label)` pairs: `id` is the image's name exactly as its CSV (or folder) lists it,
+`label` an int, -1 meaning unknown. Files are found with `image_path`.
+
+API
+---
+DataError(Exception)                      one line that names the file (and CSV row) at fault
+class_name(k) -> str                      "Class{k}"
+IMAGE_EXTENSIONS                          (".jpg", ".jpeg", ".png", ".bmp", ".webp"), any case
+split_csv_path(root, split) -> str        root/<split>.csv
+read_split_csv(root, csv_path, num_classes=None, allow_unknown=True) -> list[(id, label)]
+    CSV rows "id,label": no header or a header "id,label", CRLF or LF, ids such as
+    "train/0000001.jpg" (relative to root) or bare names "0000001.jpg" (relative to
+    root/<split>/ for root/<split>.csv). Extra columns after the label are ignored. Raises
+    DataError for a missing root or CSV, a malformed row, a label outside -1..num_classes-1
+    (or -1 when allow_unknown is False), or a listed file that does not exist.
+image_path(root, csv_path, item_id) -> str  the file of a CSV item (csv_path None: a folder item)
+item_paths(root, csv_path, items) -> list[str]
+list_image_folder(folder) -> list[(id, -1)]  every image under folder, recursively, sorted; ids
+    relative to folder with "/" separators. Its files: image_path(folder, None, id).
+load_images(paths, image_size, progress=None) -> uint8 [N, 3, S, S]  RGB, resized (antialiased
+    bilinear); DataError naming the file for a corrupt or non-image file.
+to_model_input(uint8 [..., 3, H, W]) -> float32 in [-1, 1] (x / 127.5 - 1, the 256 levels)
+LabelledImages(images_uint8, labels)      torch Dataset -> (x float [3, H, W] in [-1, 1], label int)
+split_train_val(items, val_fraction, seed) -> (train_items, val_items)  seeded, stratified per label
+make_demo_dataset(root, seed=0, n_per_class=..., n_val_per_class=..., n_test_per_class=...,
+                  image_size=32) -> root  the procedural demo set in the CPEN455 layout (PNG):
+    root/train.csv + root/train/, root/val.csv + root/val/ (labelled), root/test.csv + root/test/
+    (labels -1, as in CPEN455; the true labels are in root/test_answers.csv). Reused if present.
+"""
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DEMO_CLASSES = ("disc", "stripes", "checker", "gradient_square")
+DEMO_MARKER = ".demo-params.json"
+PROGRESS_THRESHOLD = 500  # show a progress bar when loading at least this many images
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message is one line naming the file (and row) at fault."""
+
+
+def class_name(k):
+    return f"Class{k}"
+
+
+def split_csv_path(root, split):
+    return os.path.join(root, f"{split}.csv")
+
+
+def _split_name(csv_path):
+    return os.path.splitext(os.path.basename(csv_path))[0]
+
+
+def _candidates(root, csv_path, item_id):
+    rel = item_id.replace("\\", "/")
+    if csv_path is None:
+        return [os.path.join(root, rel)]
+    split_dir = os.path.join(root, _split_name(csv_path))
+    csv_dir = os.path.dirname(os.path.abspath(csv_path))
+    if "/" in rel:
+        return [os.path.join(root, rel), os.path.join(csv_dir, rel)]
+    return [os.path.join(split_dir, rel), os.path.join(root, rel), os.path.join(csv_dir, rel)]
+
+
+def image_path(root, csv_path, item_id):
+    """The file of item `item_id` listed in `csv_path` (None for an item of list_image_folder(root)).
+
+    An id with a directory part is relative to root ("train/0000001.jpg"); a bare name is looked
+    up in root/<split>/ first (for root/<split>.csv), then in root/. Returns the first candidate
+    that exists, else the first candidate.
+    """
+    candidates = _candidates(root, csv_path, item_id)
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    return candidates[0]
+
+
+def item_paths(root, csv_path, items):
+    return [image_path(root, csv_path, item_id) for item_id, _ in items]
+
+
+def _is_header(row):
+    return len(row) >= 2 and row[0].strip().lower() == "id" and row[1].strip().lower() == "label"
+
+
+def read_split_csv(root, csv_path, num_classes=None, allow_unknown=True):
+    """Rows (id, label) of a split CSV, with every listed file checked to exist. See the module doc."""
+    if not os.path.isdir(root):
+        raise DataError(f"data directory not found: {root}")
+    if not os.path.isfile(csv_path):
+        raise DataError(f"CSV file not found: {csv_path}")
+    items = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: cannot read as a CSV ({err})") from None
+    for row_number, row in enumerate(rows, start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank line
+        if row_number == 1 and _is_header(row):
+            continue
+        where = f"{csv_path}, row {row_number}"
+        if len(row) < 2 or not row[0].strip():
+            raise DataError(f"{where}: expected 'id,label', got {','.join(row)!r}")
+        item_id, label_text = row[0].strip(), row[1].strip()
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise DataError(f"{where}: label {label_text!r} is not an integer") from None
+        low = -1 if allow_unknown else 0
+        if label < low or (num_classes is not None and label >= num_classes):
+            allowed = f"{low}..{num_classes - 1}" if num_classes is not None else f">= {low}"
+            raise DataError(f"{where}: label {label} is outside {allowed}")
+        path = image_path(root, csv_path, item_id)
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: listed file {item_id!r} does not exist (looked for {path})")
+        items.append((item_id, label))
+    if not items:
+        raise DataError(f"{csv_path}: no rows")
+    return items
+
+
+def list_image_folder(folder):
+    """Every image under `folder` (recursively), sorted, as (id relative to folder, -1)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder not found: {folder}")
+    ids = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs.sort()
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                rel = os.path.relpath(os.path.join(directory, name), folder)
+                ids.append(rel.replace(os.sep, "/"))
+    if not ids:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return [(item_id, -1) for item_id in sorted(ids)]
+
+
+def load_image(path, image_size):
+    """One image file -> uint8 [3, S, S] (RGB, antialiased bilinear resize)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable image ({reason})") from None
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)  # [S, S, 3]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def load_images(paths, image_size, progress=None):
+    """Image files -> uint8 [N, 3, S, S]. progress: None = a tqdm bar for long lists."""
+    paths = list(paths)
+    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
+    if progress is None:
+        progress = len(paths) >= PROGRESS_THRESHOLD
+    iterator = paths
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(paths, desc="loading images", unit="img", leave=False)
+    for i, path in enumerate(iterator):
+        out[i] = load_image(path, image_size)
+    return out
+
+
+def to_model_input(images):
+    """uint8 images -> float32 in [-1, 1] on the 256 levels k / 127.5 - 1."""
+    return images.float() / 127.5 - 1.0
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Preloaded uint8 images [N, 3, H, W] and labels [N] -> (x float [3, H, W] in [-1, 1], label)."""
+
+    def __init__(self, images, labels):
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape [{images.shape[0]}], got {list(labels.shape)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, index):
+        return to_model_input(self.images[index]), int(self.labels[index])
+
+
+def split_train_val(items, val_fraction, seed):
+    """Carve a validation split: per label, a seeded round(n * val_fraction) of its items (at least
+    one when val_fraction > 0 and the label has 2+ items). Both parts keep the input order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return list(items), []
+    by_label = {}
+    for index, (_, label) in enumerate(items):
+        by_label.setdefault(label, []).append(index)
+    rng = np.random.RandomState(seed)
+    val_indices = set()
+    for label in sorted(by_label):
+        indices = by_label[label]
+        n_val = int(round(len(indices) * val_fraction))
+        if len(indices) >= 2:
+            n_val = min(max(n_val, 1), len(indices) - 1)
+        else:
+            n_val = 0
+        chosen = rng.permutation(len(indices))[:n_val]
+        val_indices.update(indices[i] for i in chosen)
+    train = [item for i, item in enumerate(items) if i not in val_indices]
+    val = [item for i, item in enumerate(items) if i in val_indices]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# The procedural demo data set.
+
+def _jitter(rng, base, amount=35):
+    return np.clip(np.asarray(base, dtype=np.float64) + rng.uniform(-amount, amount, 3), 0, 255)
+
+
+def demo_image(label, rng, size=32):
+    """One procedural demo image of class `label` (0..3), uint8 [size, size, 3].
+
+    0 "disc": a warm disc on a dark blue background; 1 "stripes": green and yellow stripes;
+    2 "checker": a purple and white checkerboard; 3 "gradient_square": a teal-to-grey gradient
+    with a white square. Positions, sizes, periods and colours are jittered.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    s = size / 32.0
+    img = np.zeros((size, size, 3))
+    if label == 0:
+        img[:] = _jitter(rng, (30, 40, 110))
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        radius = rng.uniform(0.18, 0.32) * size
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+        img[inside] = _jitter(rng, (220, 90, 40))
+    elif label == 1:
+        period = rng.uniform(5, 9) * s
+        phase = rng.uniform(0, period)
+        coord = yy if rng.rand() < 0.5 else xx
+        band = ((coord + phase) % period) < period / 2
+        a, b = _jitter(rng, (40, 170, 60)), _jitter(rng, (230, 220, 70))
+        img[:] = np.where(band[..., None], a, b)
+    elif label == 2:
+        cell = max(1, int(round(rng.uniform(3, 7) * s)))
+        oy, ox = rng.randint(0, cell, 2)
+        band = (((yy.astype(int) + oy) // cell + (xx.astype(int) + ox) // cell) % 2) == 0
+        a, b = _jitter(rng, (120, 40, 150)), _jitter(rng, (235, 235, 235), 20)
+        img[:] = np.where(band[..., None], a, b)
+    elif label == 3:
+        angle = rng.uniform(0, 2 * np.pi)
+        t = ((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size + 0.5
+        t = np.clip(t, 0, 1)[..., None]
+        a, b = _jitter(rng, (20, 150, 150)), _jitter(rng, (110, 110, 110))
+        img[:] = a * (1 - t) + b * t
+        side = int(round(rng.uniform(0.2, 0.35) * size))
+        y0, x0 = rng.randint(0, size - side + 1, 2)
+        img[y0:y0 + side, x0:x0 + side] = _jitter(rng, (240, 240, 240), 15)
+    else:
+        raise ValueError(f"demo classes are 0..{len(DEMO_CLASSES) - 1}, got {label}")
+    img += rng.normal(0, 4, img.shape)  # a little sensor noise
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def _write_demo_split(root, split, labels, rng, image_size, known_labels):
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    rows = []
+    for index, label in enumerate(labels, start=1):
+        item_id = f"{split}/{index:07d}.png"
+        Image.fromarray(demo_image(label, rng, image_size)).save(os.path.join(root, item_id))
+        rows.append((item_id, label))
+    tmp = split_csv_path(root, split) + ".tmp"
+    with open(tmp, "w", newline="") as f:  # CPEN455 style: no header, CRLF
+        for item_id, label in rows:
+            f.write(f"{item_id},{label if known_labels else -1}\r\n")
+    os.replace(tmp, split_csv_path(root, split))
+    return rows
+
+
+def make_demo_dataset(root, seed=0, n_per_class=200, n_val_per_class=50, n_test_per_class=50,
+                      image_size=32):
+    """Write (or reuse) the procedural demo data set under `root`; returns root. Deterministic in
+    all arguments. Refuses to write into a non-empty directory that is not a demo data set."""
+    params = {"seed": seed, "n_per_class": n_per_class, "n_val_per_class": n_val_per_class,
+              "n_test_per_class": n_test_per_class, "image_size": image_size, "version": 1}
+    marker = os.path.join(root, DEMO_MARKER)
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                if json.load(f) == params:
+                    return root
+        except (OSError, ValueError):
+            pass
+        os.remove(marker)
+    elif os.path.isdir(root) and os.listdir(root):
+        raise DataError(f"{root}: not empty and not a demo data set; refusing to write the demo data there")
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    num_classes = len(DEMO_CLASSES)
+    for split, n, known in (("train", n_per_class, True), ("val", n_val_per_class, True),
+                            ("test", n_test_per_class, False)):
+        labels = list(rng.permutation(np.repeat(np.arange(num_classes), n)))
+        rows = _write_demo_split(root, split, [int(l) for l in labels], rng, image_size, known)
+        if split == "test":
+            with open(os.path.join(root, "test_answers.csv"), "w", newline="") as f:
+                for item_id, label in rows:
+                    f.write(f"{item_id},{label}\r\n")
+    with open(marker + ".tmp", "w") as f:
+        json.dump(params, f)
+    os.replace(marker + ".tmp", marker)
+    return root
