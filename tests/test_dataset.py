@@ -1,0 +1,237 @@
+import hashlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import dataset as ds  # noqa: E402
+
+REAL_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cpen455")
+
+
+def write_png(path, color=(10, 20, 30), size=8, mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    value = color if mode == "RGB" else color[0]
+    Image.new(mode, (size, size), value).save(path)
+
+
+def make_layout(root, rows, content, split="train"):
+    """rows: list of (file name relative to root, label); content: the CSV text."""
+    for name, _ in rows:
+        write_png(os.path.join(root, name))
+    csv_path = os.path.join(root, f"{split}.csv")
+    with open(csv_path, "w", newline="") as f:
+        f.write(content)
+    return csv_path
+
+
+def test_class_name():
+    assert ds.class_name(0) == "Class0" and ds.class_name(3) == "Class3"
+
+
+def test_cpen455_layout_crlf_no_header(tmp_path):
+    rows = [("train/0000001.jpg", 0), ("train/0000002.jpg", 3)]
+    csv_path = make_layout(str(tmp_path), rows, "train/0000001.jpg,0\r\ntrain/0000002.jpg,3\r\n")
+    items = ds.read_split_csv(str(tmp_path), csv_path, num_classes=4)
+    assert items == rows
+    assert ds.image_path(str(tmp_path), csv_path, "train/0000002.jpg") == os.path.join(
+        str(tmp_path), "train/0000002.jpg")
+
+
+def test_header_and_lf(tmp_path):
+    rows = [("train/a.png", 1), ("train/b.png", 2)]
+    csv_path = make_layout(str(tmp_path), rows, "id,label\ntrain/a.png,1\ntrain/b.png,2\n")
+    assert ds.read_split_csv(str(tmp_path), csv_path) == rows
+
+
+def test_bare_names_resolve_under_split_dir(tmp_path):
+    root = str(tmp_path)
+    for name in ("a.png", "b.png"):
+        write_png(os.path.join(root, "test", name))
+    csv_path = os.path.join(root, "test.csv")
+    with open(csv_path, "w", newline="") as f:
+        f.write("a.png,-1\r\nb.png,-1\r\n")
+    items = ds.read_split_csv(root, csv_path)
+    assert items == [("a.png", -1), ("b.png", -1)]
+    paths = ds.item_paths(root, csv_path, items)
+    assert paths == [os.path.join(root, "test", "a.png"), os.path.join(root, "test", "b.png")]
+    images = ds.load_images(paths, 8)
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8
+
+
+def test_plain_folder_recursive_sorted(tmp_path):
+    root = str(tmp_path)
+    write_png(os.path.join(root, "b.PNG"))
+    write_png(os.path.join(root, "sub", "a.jpg"))
+    write_png(os.path.join(root, "a.webp"))
+    with open(os.path.join(root, "notes.txt"), "w") as f:
+        f.write("not an image")
+    items = ds.list_image_folder(root)
+    assert items == [("a.webp", -1), ("b.PNG", -1), ("sub/a.jpg", -1)]
+    assert os.path.isfile(ds.image_path(root, None, "sub/a.jpg"))
+
+
+def test_grayscale_and_rgba_become_rgb_and_resize(tmp_path):
+    gray = str(tmp_path / "g.png")
+    write_png(gray, color=(200, 0, 0), size=16, mode="L")
+    rgba = str(tmp_path / "r.png")
+    os.makedirs(tmp_path, exist_ok=True)
+    Image.new("RGBA", (16, 16), (1, 2, 3, 100)).save(rgba)
+    images = ds.load_images([gray, rgba], 8)
+    assert images.shape == (2, 3, 8, 8)
+    assert torch.all(images[0] == 200)
+    assert images[1, :, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_to_model_input_levels():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    y = ds.to_model_input(x)
+    assert y.dtype == torch.float32 and y.min() == -1 and y.max() == 1
+    assert torch.allclose(y[0, 0].flatten(), torch.arange(256) / 127.5 - 1)
+
+
+def test_labelled_images():
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    data = ds.LabelledImages(images, [0, 1, 2, 3, 0])
+    x, label = data[3]
+    assert x.shape == (3, 8, 8) and label == 3 and isinstance(label, int)
+    assert len(data) == 5
+
+
+def test_split_train_val_deterministic_and_stratified():
+    items = [(f"x{i}", i % 4) for i in range(100)]
+    train, val = ds.split_train_val(items, 0.2, seed=3)
+    assert ds.split_train_val(items, 0.2, seed=3) == (train, val)
+    assert ds.split_train_val(items, 0.2, seed=4) != (train, val)
+    assert len(val) == 20 and sorted(train + val) == sorted(items)
+    assert [sum(1 for _, l in val if l == k) for k in range(4)] == [5, 5, 5, 5]
+    assert ds.split_train_val(items, 0.0, seed=0) == (items, [])
+
+
+def tree_digest(root):
+    h = hashlib.sha256()
+    for directory, subdirs, files in sorted(os.walk(root)):
+        subdirs.sort()
+        for name in sorted(files):
+            h.update(name.encode())
+            with open(os.path.join(directory, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def test_demo_dataset_deterministic_and_readable(tmp_path):
+    kwargs = dict(seed=5, n_per_class=3, n_val_per_class=2, n_test_per_class=1, image_size=16)
+    a = ds.make_demo_dataset(str(tmp_path / "a"), **kwargs)
+    b = ds.make_demo_dataset(str(tmp_path / "b"), **kwargs)
+    assert tree_digest(a) == tree_digest(b)
+    mtime = os.path.getmtime(os.path.join(a, "train.csv"))
+    ds.make_demo_dataset(a, **kwargs)  # reused, not rewritten
+    assert os.path.getmtime(os.path.join(a, "train.csv")) == mtime
+    c = ds.make_demo_dataset(str(tmp_path / "c"), **{**kwargs, "seed": 6})
+    assert tree_digest(a) != tree_digest(c)
+    train = ds.read_split_csv(a, ds.split_csv_path(a, "train"), num_classes=4, allow_unknown=False)
+    assert sorted(label for _, label in train) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    test = ds.read_split_csv(a, ds.split_csv_path(a, "test"), num_classes=4)
+    assert {label for _, label in test} == {-1}
+    with open(ds.split_csv_path(a, "train"), "rb") as f:
+        assert b"\r\n" in f.read()
+    images = ds.load_images(ds.item_paths(a, ds.split_csv_path(a, "train"), train), 16)
+    assert images.shape == (12, 3, 16, 16)
+    # the classes differ clearly in colour statistics
+    means = torch.stack([images[[i for i, (_, l) in enumerate(train) if l == k]].float().mean((0, 2, 3))
+                         for k in range(4)])
+    assert torch.cdist(means, means).add(torch.eye(4) * 1e3).min() > 10
+
+
+def test_demo_refuses_foreign_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ds.DataError, match="refusing"):
+        ds.make_demo_dataset(str(tmp_path), n_per_class=1, n_val_per_class=1, n_test_per_class=1)
+
+
+# --- bad inputs: each raises DataError naming the file (and row) -----------------------------
+
+def test_missing_root(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ds.DataError, match="nope"):
+        ds.read_split_csv(missing, os.path.join(missing, "train.csv"))
+    with pytest.raises(ds.DataError, match="nope"):
+        ds.list_image_folder(missing)
+
+
+def test_missing_csv(tmp_path):
+    with pytest.raises(ds.DataError, match="train.csv"):
+        ds.read_split_csv(str(tmp_path), str(tmp_path / "train.csv"))
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(ds.DataError, match="no images"):
+        ds.list_image_folder(str(tmp_path))
+
+
+def test_missing_listed_file(tmp_path):
+    csv_path = make_layout(str(tmp_path), [("train/a.png", 0)], "train/a.png,0\r\ntrain/gone.png,1\r\n")
+    with pytest.raises(ds.DataError, match=r"train\.csv, row 2: listed file 'train/gone.png'"):
+        ds.read_split_csv(str(tmp_path), csv_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("train/a.png\r\n", "row 1: expected 'id,label'"),
+    ("train/a.png,0\r\ntrain/a.png,cat\r\n", "row 2: label 'cat' is not an integer"),
+    ("train/a.png,4\r\n", r"row 1: label 4 is outside -1\.\.3"),
+    ("train/a.png,-2\r\n", "row 1: label -2 is outside"),
+])
+def test_malformed_rows(tmp_path, content, message):
+    csv_path = make_layout(str(tmp_path), [("train/a.png", 0)], content)
+    with pytest.raises(ds.DataError, match=message) as info:
+        ds.read_split_csv(str(tmp_path), csv_path, num_classes=4)
+    assert "train.csv" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_label_rejected_for_training(tmp_path):
+    csv_path = make_layout(str(tmp_path), [("train/a.png", 0)], "train/a.png,-1\r\n")
+    assert ds.read_split_csv(str(tmp_path), csv_path, num_classes=4) == [("train/a.png", -1)]
+    with pytest.raises(ds.DataError, match=r"row 1: label -1 is outside 0\.\.3"):
+        ds.read_split_csv(str(tmp_path), csv_path, num_classes=4, allow_unknown=False)
+
+
+@pytest.mark.parametrize("payload", [b"this is not an image", b"", b"\x89PNG\r\n\x1a\n\x00\x00garbage"])
+def test_corrupt_image(tmp_path, payload):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(payload)
+    good = str(tmp_path / "good.png")
+    write_png(good)
+    with pytest.raises(ds.DataError, match="bad.jpg") as info:
+        ds.load_images([good, str(path)], 8)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_jpeg(tmp_path):
+    path = str(tmp_path / "cut.jpg")
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, quality=90)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ds.DataError, match="cut.jpg"):
+        ds.load_images([path], 8)
+
+
+# --- the real CPEN455 data, read only -----------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_ROOT, "train.csv")), reason="no CPEN455 data")
+def test_real_cpen455_csvs():
+    train = ds.read_split_csv(REAL_ROOT, ds.split_csv_path(REAL_ROOT, "train"), num_classes=4,
+                              allow_unknown=False)
+    assert len(train) > 1000 and train[0][0].startswith("train/")
+    assert {label for _, label in train} == {0, 1, 2, 3}
+    test = ds.read_split_csv(REAL_ROOT, ds.split_csv_path(REAL_ROOT, "test"), num_classes=4)
+    assert {label for _, label in test} == {-1}
+    paths = ds.item_paths(REAL_ROOT, ds.split_csv_path(REAL_ROOT, "train"), train[:16])
+    images = ds.load_images(paths, 32)
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8
