@@ -132,8 +132,11 @@ def class_log_likelihoods(model, x, num_classes):
 
 
 def log_posterior(log_likelihoods, log_prior=None):
-    """Bayes' rule: log p(c | x) = log p(x | c) + log p(c) - logsumexp_c(...), [B, K]."""
-    joint = log_likelihoods if log_prior is None else log_likelihoods + log_prior
+    """Bayes' rule: log p(c | x) = log p(x | c) + log p(c) - logsumexp_c(...), [B, K], in float64:
+    log-likelihoods are thousands of nats, so float32 would leave posteriors off by ~1e-4."""
+    joint = log_likelihoods.double()
+    if log_prior is not None:
+        joint = joint + torch.as_tensor(log_prior, dtype=torch.float64, device=joint.device)
     return joint - torch.logsumexp(joint, dim=1, keepdim=True)
 
 

@@ -1,0 +1,67 @@
+"""Building blocks: weight norm, shifted convolutions, the gated resnet."""
+import torch
+
+from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
+                    DownShiftedDeconv2d, GatedResnet, WNConv2d, concat_elu, data_dependent_init)
+from model import build_model
+
+
+def test_weight_norm_is_g_times_unit_direction():
+    conv = WNConv2d(3, 5, (2, 3))
+    w = conv.weight()
+    assert torch.allclose(w.flatten(1).norm(dim=1), conv.g)
+    conv.g.data.fill_(2.0)
+    assert torch.allclose(conv.weight().flatten(1).norm(dim=1), torch.full((5,), 2.0))
+
+
+def test_data_dependent_init_normalises_outputs():
+    torch.manual_seed(0)
+    model = build_model(dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, image_size=8,
+                             num_classes=2, dropout=0.0))
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    labels = torch.randint(0, 2, (16,))
+    data_dependent_init(model, x, labels)
+    out = model(x, labels)
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(20), atol=1e-4)
+    assert torch.allclose(out.std(dim=(0, 2, 3)), torch.ones(20), atol=1e-3)
+
+
+def influence_of_inputs(layer, in_shape, i, j):
+    x = torch.randn(in_shape, dtype=torch.float64, requires_grad=True)
+    layer.double()(x)[0, :, i, j].sum().backward()
+    return x.grad[0].abs().sum(0)  # [H, W]
+
+
+def test_down_shifted_conv_sees_rows_up_to_its_own():
+    grad = influence_of_inputs(DownShiftedConv2d(2, 3, (2, 3)), (1, 2, 6, 6), 3, 3)
+    assert grad[4:].sum() == 0
+    assert (grad[2:4, 2:5] > 0).all() and grad.count_nonzero() == 6
+
+
+def test_down_right_shifted_conv_sees_up_and_left():
+    grad = influence_of_inputs(DownRightShiftedConv2d(2, 3, (2, 2)), (1, 2, 6, 6), 3, 3)
+    assert (grad[2:4, 2:4] > 0).all() and grad.count_nonzero() == 4
+
+
+def test_deconvs_double_the_size_and_stay_shifted():
+    x = torch.randn(1, 4, 3, 3)
+    assert DownShiftedDeconv2d(4, 2)(x).shape == (1, 2, 6, 6)
+    assert DownRightShiftedDeconv2d(4, 2)(x).shape == (1, 2, 6, 6)
+    grad = influence_of_inputs(DownRightShiftedDeconv2d(2, 2), (1, 2, 3, 3), 2, 2)
+    assert grad[2:].sum() == 0 and grad[:, 2:].sum() == 0
+
+
+def test_concat_elu_and_nin_shapes():
+    x = torch.randn(2, 3, 4, 5)
+    assert concat_elu(x).shape == (2, 6, 4, 5)
+    assert NIN(3, 7)(x).shape == (2, 7, 4, 5)
+
+
+def test_gated_resnet_uses_skip_and_label():
+    torch.manual_seed(0)
+    block = GatedResnet(4, DownShiftedConv2d, skip_channels=4, num_classes=3, conditioning="film")
+    x, skip = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    out = block(x, skip, labels=torch.tensor([0, 1]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, block(x, skip, labels=torch.tensor([2, 2])))
+    assert not torch.allclose(out, block(x, torch.zeros_like(skip), labels=torch.tensor([0, 1])))

@@ -1,0 +1,78 @@
+"""The PixelCNN++ network: causality, conditioning, and config checks."""
+import pytest
+import torch
+
+from model import build_model
+
+MODES = [  # (num_classes, embedding_dim, block_conditioning)
+    (0, 0, "none"),
+    (3, 4, "none"),
+    (3, 0, "bias"),
+    (3, 0, "film"),
+    (3, 4, "bias"),
+    (3, 4, "film"),
+]
+
+
+def tiny_model(num_classes=3, embedding_dim=4, block_conditioning="none", **overrides):
+    config = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
+                  num_classes=num_classes, embedding_dim=embedding_dim,
+                  block_conditioning=block_conditioning, **overrides)
+    torch.manual_seed(0)
+    return build_model(config).double().eval()
+
+
+def labels_for(model, batch, value=1):
+    return torch.full((batch,), value, dtype=torch.long) if model.num_classes else None
+
+
+@pytest.mark.parametrize("num_classes,embedding_dim,conditioning", MODES)
+def test_output_depends_only_on_earlier_pixels(num_classes, embedding_dim, conditioning):
+    model = tiny_model(num_classes, embedding_dim, conditioning)
+    H = W = 8
+    for i, j in [(0, 0), (0, 5), (3, 0), (3, 4), (7, 7)]:
+        x = torch.rand(1, 3, H, W, dtype=torch.float64, requires_grad=True)
+        model(x * 2 - 1, labels_for(model, 1))[0, :, i, j].sum().backward()
+        influence = x.grad[0].abs().sum(dim=0).flatten()  # [H*W], raster order
+        position = i * W + j
+        assert torch.all(influence[position:] == 0), f"output at {(i, j)} sees a later pixel"
+        if position > 0:
+            assert influence[:position].gt(0).any(), f"output at {(i, j)} sees no earlier pixel"
+        if j > 0:
+            assert influence[position - 1] > 0, f"output at {(i, j)} ignores the pixel to its left"
+
+
+@pytest.mark.parametrize("num_classes,embedding_dim,conditioning", [m for m in MODES if m[0]])
+def test_label_changes_output(num_classes, embedding_dim, conditioning):
+    model = tiny_model(num_classes, embedding_dim, conditioning)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    out0 = model(x, torch.tensor([0, 0]))
+    out2 = model(x, torch.tensor([2, 2]))
+    assert out0.shape == (2, 20, 8, 8)
+    assert (out0 - out2).abs().max() > 1e-6
+
+
+def test_unconditional_model_needs_no_labels():
+    model = tiny_model(num_classes=0, embedding_dim=0)
+    assert model(torch.zeros(2, 3, 8, 8, dtype=torch.float64)).shape == (2, 20, 8, 8)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.float64), torch.tensor([0]))
+
+
+def test_bad_config_names_the_key_and_allowed_values():
+    with pytest.raises(ValueError, match="block_conditioning.*'none', 'bias', 'film'"):
+        build_model({"block_conditioning": "attention"})
+    with pytest.raises(ValueError, match="unknown model config key 'nr_filter'"):
+        build_model({"nr_filter": 8})
+    with pytest.raises(ValueError, match="nr_resnet"):
+        build_model({"nr_resnet": 0})
+
+
+def test_bad_inputs_name_what_is_wrong():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="3 channels"):
+        model(torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.2"):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.float64), torch.tensor([3]))
+    with pytest.raises(ValueError, match="labels are required"):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.float64))
