@@ -1,0 +1,330 @@
+"""Zero-shot classification with a conditional PixelCNN++: Bayes' rule over the class likelihoods.
+
+    python classify.py --checkpoint C --data-dir D [--split test] [--csv PATH] --out predictions.csv
+                       [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train]
+                       [--logits out.npy] [--metrics-out metrics.json]
+
+D is a CPEN455-layout root (the files and labels come from D/<split>.csv, or from --csv PATH) or a
+plain folder of images (every image under it, recursively, in sorted order). Every image is scored
+under every label, log p(x|c) in nats, in one batched pass (EMA weights, inference mode, images
+resized to the model's image_size); the prediction is argmax_c log p(x|c) + log p(c).
+
+The CSV (written atomically) has the header
+    id,label,loglik_Class0,...,loglik_Class{K-1},posterior_Class0,...,posterior_Class{K-1}
+and one row per input image, in input order: id exactly as the CSV (or folder) lists it, label the
+predicted class. Where every input has a known label (not -1), it prints and saves (--metrics-out)
+accuracy, per-class accuracy, macro F1, the confusion matrix and bits/dim under the true label.
+
+A user's mistake (missing or foreign checkpoint, corrupt image, empty folder, bad CSV, labels the
+model does not have) ends with one line on stderr and exit code 2, and leaves no output file.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import utils
+from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
+                     read_split_csv, split_csv_path, to_model_input)
+
+PROG = "classify.py"
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # CSVs that mark a CPEN455 root
+
+
+class UsageError(Exception):
+    """A user's mistake that is not about a data file or a checkpoint; one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gives one stderr line (and exit code 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions (tests import these).
+
+def confusion_matrix(true, pred, num_classes):
+    """[K, K] int64 counts: rows are the true label, columns the prediction."""
+    true, pred = np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (true, pred), 1)
+    return cm
+
+
+def metrics_from_confusion(cm):
+    """Accuracy, per-class accuracy (recall) and macro F1 from a confusion matrix [K, K].
+
+    Per-class accuracy is None for a class with no true examples. Macro F1 averages the per-class
+    F1 = 2 TP / (2 TP + FP + FN) over the classes that occur as a true label or a prediction
+    (a class that occurs in neither has no defined F1; sklearn's default does the same).
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    total = int(cm.sum())
+    tp = np.diag(cm)
+    true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
+    per_class = [float(tp[k] / true_counts[k]) if true_counts[k] else None for k in range(len(cm))]
+    f1 = [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
+          for k in range(len(cm)) if true_counts[k] + pred_counts[k]]
+    return {
+        "n": total,
+        "accuracy": float(tp.sum() / total) if total else None,
+        "per_class_accuracy": per_class,
+        "per_class_f1": [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
+                         if true_counts[k] + pred_counts[k] else None for k in range(len(cm))],
+        "macro_f1": float(np.mean(f1)) if f1 else None,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def log_prior_from_labels(labels, num_classes):
+    """log of the class frequencies among the known labels (-1 ignored), [K] float64.
+    A class that never occurs gets log 0 = -inf: it is never predicted."""
+    labels = np.asarray([l for l in labels if l >= 0], dtype=np.int64)
+    if labels.size == 0:
+        raise UsageError("no known labels to estimate the train prior from")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum())
+
+
+def predict(log_likelihoods, log_prior=None):
+    """(predictions [N], posterior probabilities [N, K]) from log p(x|c) [N, K] and log p(c) [K]."""
+    loglik = torch.as_tensor(np.asarray(log_likelihoods, dtype=np.float64))
+    prior = None if log_prior is None else torch.as_tensor(np.asarray(log_prior, dtype=np.float64))
+    log_post = utils.log_posterior(loglik, prior)
+    return log_post.argmax(dim=1).numpy(), log_post.exp().numpy()
+
+
+def bits_per_dim_true_label(log_likelihoods, labels, image_shape):
+    """Mean bits/dim of each image under its true label."""
+    loglik = np.asarray(log_likelihoods, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    nll = -loglik[np.arange(len(labels)), labels]
+    return float(np.mean(nll) / (math.prod(image_shape) * math.log(2)))
+
+
+@torch.inference_mode()
+def score_images(model, images, num_classes, batch_size, device, progress=True):
+    """log p(x|c) in nats, [N, K] float64, for `images`: uint8 [N, 3, H, W], or a list of file
+    paths (loaded batch by batch and resized to model.config['image_size'])."""
+    model.eval()
+    n = len(images)
+    image_size = model.config["image_size"]
+    out = np.empty((n, num_classes), dtype=np.float64)
+    # progress=True shows the bar on a terminal only (tqdm's disable=None), and clears it at the end
+    bar = tqdm(total=n, desc="classifying", unit="img", disable=None if progress else True,
+               leave=False, dynamic_ncols=True)
+    try:
+        for start in range(0, n, batch_size):
+            batch = images[start:start + batch_size]
+            if not torch.is_tensor(batch):
+                batch = load_images(batch, image_size, progress=False)
+            x = to_model_input(batch).to(device)
+            out[start:start + len(batch)] = (
+                utils.class_log_likelihoods(model, x, num_classes).double().cpu().numpy())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Input, output.
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def load_model(checkpoint, device):
+    """The EMA model of a train.py checkpoint, on `device`, in eval mode. CheckpointError otherwise."""
+    try:
+        state = utils.load_checkpoint(checkpoint, map_location="cpu")
+    except utils.CheckpointError:
+        raise
+    except Exception as err:  # torch.load on a foreign file can raise almost anything
+        raise utils.CheckpointError(f"{checkpoint} is not a loadable checkpoint "
+                                    f"({type(err).__name__}: {str(err)[:200]})") from None
+    try:
+        model = utils.model_from_checkpoint(state, weights="ema")
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise utils.CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
+                                    f"describes ({reason})") from None
+    return model.to(device).eval()
+
+
+def find_inputs(data_dir, split, csv_path, num_classes):
+    """(items [(id, label)], file paths, csv used or None) for a CPEN455 root or a plain folder."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    if csv_path is None and os.path.isfile(split_csv_path(data_dir, split)):
+        csv_path = split_csv_path(data_dir, split)
+    if csv_path is not None:
+        items = read_split_csv(data_dir, csv_path, num_classes=num_classes)
+        return items, item_paths(data_dir, csv_path, items), csv_path
+    present = [name for name in SPLIT_NAMES if os.path.isfile(split_csv_path(data_dir, name))]
+    if present:
+        raise DataError(f"{split_csv_path(data_dir, split)} not found, but {data_dir} has "
+                        f"{', '.join(n + '.csv' for n in present)}: pass --split or --csv")
+    items = list_image_folder(data_dir)
+    return items, item_paths(data_dir, None, items), None
+
+
+def atomic_write(path, write):
+    """Call write(file object) on a temp file next to `path`, then os.replace it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def csv_text(ids, predictions, log_likelihoods, posteriors):
+    k = log_likelihoods.shape[1]
+    header = (["id", "label"] + [f"loglik_{class_name(c)}" for c in range(k)]
+              + [f"posterior_{class_name(c)}" for c in range(k)])
+    lines = [",".join(header)]
+    for item_id, pred, ll, post in zip(ids, predictions, log_likelihoods, posteriors):
+        if any(ch in item_id for ch in ',"\n\r'):
+            item_id = '"' + item_id.replace('"', '""') + '"'
+        lines.append(",".join([item_id, str(int(pred))] + [format(v, ".10g") for v in ll]
+                              + [format(v, ".6g") for v in post]))
+    return "\n".join(lines) + "\n"
+
+
+def format_metrics(metrics):
+    k = len(metrics["confusion_matrix"])
+    names = [class_name(c) for c in range(k)]
+    cm = np.asarray(metrics["confusion_matrix"])
+    lines = [f"accuracy {metrics['accuracy']:.4f} ({int(np.trace(cm))}/{metrics['n']})"]
+    per_class = []
+    for c in range(k):
+        acc = metrics["per_class_accuracy"][c]
+        per_class.append(f"{names[c]} {'n/a' if acc is None else f'{acc:.4f}'} "
+                         f"({int(cm[c, c])}/{int(cm[c].sum())})")
+    lines.append("per-class accuracy: " + ", ".join(per_class))
+    lines.append(f"macro F1 {metrics['macro_f1']:.4f}")
+    lines.append(f"bits/dim under the true label {metrics['bits_per_dim']:.4f}")
+    width = max(len(n) for n in names + [str(int(cm.max()))]) + 1
+    lines.append("confusion matrix (rows: true label, columns: prediction)")
+    lines.append(" " * width + "".join(n.rjust(width) for n in names))
+    for c in range(k):
+        lines.append(names[c].ljust(width) + "".join(str(int(v)).rjust(width) for v in cm[c]))
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = OneLineParser(prog=PROG, description="Label images by Bayes' rule over a conditional "
+                      "PixelCNN++'s class likelihoods and write a CSV.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--data-dir", required=True,
+                   help="a CPEN455-layout root (with <split>.csv) or a plain folder of images")
+    p.add_argument("--split", default="test", help="which <split>.csv of a CPEN455 root (default test)")
+    p.add_argument("--csv", default=None,
+                   help="take the files (and labels) from this CSV instead of <data-dir>/<split>.csv; "
+                        "ids are relative to --data-dir")
+    p.add_argument("--out", required=True, help="the predictions CSV to write")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass (each is scored under all K labels: K x this)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--prior", choices=("uniform", "train"), default="uniform",
+                   help="p(c): uniform, or the label frequencies of <data-dir>/train.csv")
+    p.add_argument("--logits", default=None, help="also save log p(x|c) [N, K] (nats) as .npy")
+    p.add_argument("--metrics-out", default=None, help="save the metrics (labelled inputs) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args):
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for option, path in (("--out", args.out), ("--logits", args.logits),
+                         ("--metrics-out", args.metrics_out)):
+        if path is not None and os.path.isdir(path):
+            raise UsageError(f"{option} {path} is a directory; give a file name")
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    num_classes = model.config["num_classes"]
+    if num_classes < 1:
+        raise UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
+
+    items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
+    log_prior = None
+    if args.prior == "train":
+        train_csv = split_csv_path(args.data_dir, "train")
+        if not os.path.isfile(train_csv):
+            raise DataError(f"--prior train needs {train_csv}, which does not exist")
+        train_items = read_split_csv(args.data_dir, train_csv, num_classes=num_classes)
+        log_prior = log_prior_from_labels([label for _, label in train_items], num_classes)
+        print(f"prior from {train_csv}: " + ", ".join(
+            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+
+    ids, labels = [i for i, _ in items], np.array([l for _, l in items], dtype=np.int64)
+    source = csv_used if csv_used is not None else f"{args.data_dir} (folder)"
+    print(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
+          f"{model.config['image_size']}; device {device}")
+    start = time.perf_counter()
+    loglik = score_images(model, paths, num_classes, args.batch_size, device,
+                          progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    predictions, posteriors = predict(loglik, log_prior)
+
+    metrics = None
+    if labels.size and (labels >= 0).all():
+        metrics = metrics_from_confusion(confusion_matrix(labels, predictions, num_classes))
+        size = model.config["image_size"]
+        metrics["bits_per_dim"] = bits_per_dim_true_label(loglik, labels, (3, size, size))
+        metrics["class_names"] = [class_name(c) for c in range(num_classes)]
+        metrics["prior"] = args.prior
+        metrics["checkpoint"] = args.checkpoint
+        metrics["source"] = source
+        print(format_metrics(metrics))
+    elif (labels >= 0).any():
+        print(f"labels are known for {(labels >= 0).sum()} of {labels.size} images; metrics need "
+              "all of them (use --csv with the labelled rows only)")
+
+    text = csv_text(ids, predictions, loglik, posteriors)
+    if args.logits is not None:
+        atomic_write(args.logits, lambda f: np.save(f, loglik))
+    if args.metrics_out is not None and metrics is not None:
+        atomic_write(args.metrics_out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    atomic_write(args.out, lambda f: f.write(text.encode()))
+    print(f"{PROG}: {len(items)} images in {elapsed:.1f} s ({len(items) / max(elapsed, 1e-9):.1f} "
+          f"images/s) on {device}; wrote {args.out}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (DataError, utils.CheckpointError, UsageError) as err:
+        message = " ".join(str(err).split())  # exactly one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

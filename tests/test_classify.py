@@ -1,0 +1,370 @@
+"""classify.py: CSV shape and order on both input kinds, metrics against numbers computed by hand,
+the prior, and every bad input (exit code 2, one stderr line, no CSV left)."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import classify  # noqa: E402
+import utils  # noqa: E402
+from dataset import load_images, to_model_input  # noqa: E402
+from model import build_model  # noqa: E402
+
+K = 3
+SIZE = 8
+CONFIG = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "dropout": 0.0, "num_classes": K,
+          "embedding_dim": 4, "block_conditioning": "bias", "image_size": SIZE}
+
+
+def class_images(labels, seed, size=SIZE):
+    """uint8 [N, 3, size, size]: class k is a flat colour with channel k bright, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    x = torch.full((len(labels), 3, size, size), 50.0)
+    x[torch.arange(len(labels)), labels] = 200.0
+    x = x + 12 * torch.randn(x.shape, generator=g)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny conditional model trained for a few steps; its checkpoint has distinct EMA and raw
+    weights (the EMA ones are the trained ones) so that tests see which are used."""
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    opt = torch.optim.Adam(model.parameters(), 5e-3)
+    for step in range(40):
+        labels = torch.arange(24) % K
+        x = to_model_input(class_images(labels, seed=step))
+        loss = utils.discretized_mix_logistic_nll(x, model(x, labels)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    raw = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ema.items()}
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    utils.save_checkpoint(path, {"model": raw, "ema": ema, "config": dict(CONFIG), "epoch": 3, "step": 40})
+    return path, model
+
+
+def write_image(path, array_chw, size=16):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(array_chw.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST)
+    img.save(path)
+
+
+@pytest.fixture(scope="module")
+def cpen_root(tmp_path_factory):
+    """A CPEN455-layout root: 16x16 JPEGs, train.csv with labels, test.csv with -1, no header, CRLF.
+    train.csv has no class-2 rows (a prior that rules class 2 out)."""
+    root = tmp_path_factory.mktemp("cpen455")
+    train_labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 2, 1]  # the images
+    csv_labels = [0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 1]    # what train.csv claims: no class 2
+    rows = []
+    images = class_images(train_labels, seed=100)
+    for i, label in enumerate(csv_labels):
+        item = f"train/{i + 1:07d}.jpg"
+        write_image(str(root / item), images[i])
+        rows.append(f"{item},{label}\r\n")
+    (root / "train.csv").write_bytes("".join(rows).encode())
+    # a labelled split whose labels are the true ones: for metrics
+    val_labels = [0, 1, 2, 2, 1, 0, 0, 2, 1]
+    images = class_images(val_labels, seed=200)
+    rows = []
+    for i, label in enumerate(val_labels):
+        item = f"val/{i + 1:07d}.jpg"
+        write_image(str(root / item), images[i])
+        rows.append(f"{item},{label}\r\n")
+    (root / "val.csv").write_bytes("".join(rows).encode())
+    test_labels = [2, 0, 1, 1, 2]
+    images = class_images(test_labels, seed=300)
+    rows = []
+    for i in range(len(test_labels)):
+        item = f"test/{(i + 1) * 7:07d}.jpg"
+        write_image(str(root / item), images[i])
+        rows.append(f"{item},-1\r\n")
+    (root / "test.csv").write_bytes("".join(rows).encode())
+    return root
+
+
+def run_main(capsys, *argv):
+    rc = classify.main([str(a) for a in argv] + ["--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def csv_ids(path):
+    with open(path, newline="") as f:
+        return [row[0] for row in csv.reader(f) if row]
+
+
+def softmax(a):
+    a = a - a.max(axis=1, keepdims=True)
+    e = np.exp(a)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+EXPECTED_HEADER = (["id", "label"] + [f"loglik_Class{k}" for k in range(K)]
+                   + [f"posterior_Class{k}" for k in range(K)])
+
+
+def test_cpen455_layout_csv_and_metrics_by_hand(trained, cpen_root, tmp_path, capsys):
+    ckpt, model = trained
+    out, logits_path, metrics_path = tmp_path / "pred.csv", tmp_path / "ll.npy", tmp_path / "m.json"
+    rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val",
+                               "--out", out, "--logits", logits_path, "--metrics-out", metrics_path,
+                               "--batch-size", 4)
+    assert rc == 0, err
+    header, rows = read_csv(out)
+    assert header == EXPECTED_HEADER
+    assert [r[0] for r in rows] == csv_ids(cpen_root / "val.csv")  # exactly as listed, in order
+    assert all(len(r) == 2 + 2 * K for r in rows)
+
+    logits = np.load(logits_path)
+    assert logits.shape == (len(rows), K)
+    # the logits are the EMA model's log p(x|c) on the resized images
+    files = [str(cpen_root / r[0]) for r in rows]
+    with torch.no_grad():
+        direct = utils.class_log_likelihoods(model, to_model_input(load_images(files, SIZE)), K)
+    np.testing.assert_allclose(logits, direct.double().numpy(), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(np.array([[float(v) for v in r[2:2 + K]] for r in rows]), logits,
+                               rtol=1e-8, atol=1e-6)
+    post = np.array([[float(v) for v in r[2 + K:]] for r in rows])
+    np.testing.assert_allclose(post, softmax(logits), rtol=1e-4, atol=1e-6)
+    pred = np.array([int(r[1]) for r in rows])
+    np.testing.assert_array_equal(pred, logits.argmax(axis=1))
+
+    # metrics by hand
+    true = np.array([int(l.split(",")[1]) for l in (cpen_root / "val.csv").read_text().split()])
+    n = len(true)
+    cm = [[sum(1 for t, p in zip(true, pred) if t == i and p == j) for j in range(K)] for i in range(K)]
+    acc = sum(cm[i][i] for i in range(K)) / n
+    per_class = [cm[i][i] / sum(cm[i]) for i in range(K)]
+    f1s = []
+    for k in range(K):
+        tp = cm[k][k]
+        fp = sum(cm[i][k] for i in range(K)) - tp
+        fn = sum(cm[k]) - tp
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn)
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    bpd = np.mean([-logits[i, true[i]] for i in range(n)]) / (3 * SIZE * SIZE * math.log(2))
+
+    import json
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["confusion_matrix"] == cm
+    assert metrics["n"] == n
+    assert metrics["accuracy"] == pytest.approx(acc)
+    assert metrics["per_class_accuracy"] == pytest.approx(per_class)
+    assert metrics["macro_f1"] == pytest.approx(np.mean(f1s))
+    assert metrics["bits_per_dim"] == pytest.approx(bpd, rel=1e-9)
+    assert acc > 0.5  # the tiny model did learn the colours
+    assert f"accuracy {acc:.4f}" in stdout and "macro F1" in stdout and "confusion matrix" in stdout
+    assert "images/s" in stdout.strip().splitlines()[-1]
+
+
+def test_unlabelled_split_writes_no_metrics(trained, cpen_root, tmp_path, capsys):
+    ckpt, _ = trained
+    out, metrics_path = tmp_path / "pred.csv", tmp_path / "m.json"
+    rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root,
+                               "--out", out, "--metrics-out", metrics_path)  # default split test
+    assert rc == 0, err
+    header, rows = read_csv(out)
+    assert header == EXPECTED_HEADER
+    assert [r[0] for r in rows] == csv_ids(cpen_root / "test.csv")
+    assert not metrics_path.exists() and "accuracy" not in stdout
+
+
+def test_plain_folder_recursive_sorted(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    folder = tmp_path / "imgs"
+    images = class_images([0, 1, 2, 0, 1], seed=5)
+    names = ["b.png", "a.jpg", "sub/z.png", "sub/deeper/c.JPG", "0.png"]
+    for name, img in zip(names, images):
+        write_image(str(folder / name), img)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out" / "pred.csv"  # parent created
+    rc, _, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", folder, "--out", out)
+    assert rc == 0, err
+    header, rows = read_csv(out)
+    assert header == EXPECTED_HEADER
+    assert [r[0] for r in rows] == sorted(names)
+
+
+def test_csv_subset_keeps_its_order(trained, cpen_root, tmp_path, capsys):
+    ckpt, _ = trained
+    subset = tmp_path / "subset.csv"  # header, LF line ends, ids relative to the root
+    ids = csv_ids(cpen_root / "val.csv")
+    chosen = [ids[5], ids[0], ids[3]]
+    labels = [0, 0, 2]
+    subset.write_text("id,label\n" + "".join(f"{i},{l}\n" for i, l in zip(chosen, labels)))
+    out, logits_path = tmp_path / "pred.csv", tmp_path / "ll.npy"
+    rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", subset,
+                               "--out", out, "--logits", logits_path)
+    assert rc == 0, err
+    _, rows = read_csv(out)
+    assert [r[0] for r in rows] == chosen
+    assert np.load(logits_path).shape == (3, K)
+    assert "accuracy" in stdout
+
+
+def test_train_prior(trained, cpen_root, tmp_path, capsys):
+    """train.csv has classes 0 and 1 only (7 and 5 rows): with --prior train, class 2 is never
+    predicted, and predictions and posteriors follow log p(x|c) + log(count_c / 12) by hand."""
+    ckpt, _ = trained
+    paths = {}
+    for prior in ("uniform", "train"):
+        paths[prior] = (tmp_path / f"{prior}.csv", tmp_path / f"{prior}.npy")
+        rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val",
+                                   "--out", paths[prior][0], "--logits", paths[prior][1], "--prior", prior)
+        assert rc == 0, err
+    logits = np.load(paths["train"][1])
+    np.testing.assert_allclose(logits, np.load(paths["uniform"][1]))
+    _, rows_u = read_csv(paths["uniform"][0])
+    _, rows_t = read_csv(paths["train"][0])
+    pred_u = np.array([int(r[1]) for r in rows_u])
+    pred_t = np.array([int(r[1]) for r in rows_t])
+    assert (pred_u == 2).any(), "the uniform prior predicts class 2 for the class-2 images"
+    assert not (pred_t == 2).any()
+    with np.errstate(divide="ignore"):
+        log_prior = np.log(np.array([7, 5, 0]) / 12)
+    np.testing.assert_array_equal(pred_t, (logits + log_prior).argmax(axis=1))
+    post_t = np.array([[float(v) for v in r[2 + K:]] for r in rows_t])
+    finite = softmax(logits[:, :2] + log_prior[:2])
+    np.testing.assert_allclose(post_t[:, :2], finite, rtol=1e-4, atol=1e-6)
+    assert (post_t[:, 2] == 0).all()
+
+
+def test_pure_metrics_functions():
+    cm = classify.confusion_matrix([0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 0, 0], 4)
+    assert cm.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    m = classify.metrics_from_confusion(cm)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["per_class_accuracy"] == [0.5, pytest.approx(2 / 3), 0.0, None]
+    # F1: class 0: tp 1, fp 2, fn 1 -> 2/5; class 1: tp 2, fp 1, fn 1 -> 4/6; class 2: 0; class 3 absent
+    assert m["macro_f1"] == pytest.approx((2 / 5 + 4 / 6 + 0) / 3)
+    lp = classify.log_prior_from_labels([0, 0, 0, 1, -1], 3)
+    np.testing.assert_allclose(np.exp(lp), [0.75, 0.25, 0.0])
+    pred, post = classify.predict(np.array([[-10.0, -11.0, -30.0]]), np.log([0.1, 0.9, 1e-300]))
+    assert pred.tolist() == [1]
+    np.testing.assert_allclose(post.sum(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: exit code 2, exactly one stderr line, no CSV.
+
+def bad_input_cases(trained, cpen_root, tmp_path):
+    ckpt, _ = trained
+    cases = {}
+    cases["missing checkpoint"] = (["--checkpoint", tmp_path / "nope.pt", "--data-dir", cpen_root], "nope.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    cases["foreign checkpoint"] = (["--checkpoint", foreign, "--data-dir", cpen_root], "foreign.pt")
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    cases["text checkpoint"] = (["--checkpoint", text, "--data-dir", cpen_root], "text.pt")
+    wrong = tmp_path / "wrong.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = {**state["config"], "nr_filters": 16}  # weights no longer fit
+    torch.save(state, wrong)
+    cases["mismatched checkpoint"] = (["--checkpoint", wrong, "--data-dir", cpen_root], "wrong.pt")
+    corrupt = tmp_path / "corrupt"
+    write_image(str(corrupt / "a.png"), class_images([0], seed=1)[0])
+    (corrupt / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    cases["corrupt image"] = (["--checkpoint", ckpt, "--data-dir", corrupt, "--batch-size", 1], "b.jpg")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    cases["empty folder"] = (["--checkpoint", ckpt, "--data-dir", empty], "empty")
+    cases["missing data dir"] = (["--checkpoint", ckpt, "--data-dir", tmp_path / "absent"], "absent")
+    too_many = tmp_path / "labels5.csv"
+    too_many.write_text("train/0000001.jpg,0\ntrain/0000002.jpg,5\n")
+    cases["label beyond the model"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", too_many],
+                                       "labels5.csv")
+    bad_label = tmp_path / "badlabel.csv"
+    bad_label.write_text("train/0000001.jpg,cat\n")
+    cases["non-integer label"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", bad_label],
+                                  "badlabel.csv")
+    one_column = tmp_path / "onecol.csv"
+    one_column.write_text("train/0000001.jpg\n")
+    cases["one-column CSV"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", one_column],
+                               "onecol.csv")
+    missing_file = tmp_path / "missingfile.csv"
+    missing_file.write_text("train/9999999.jpg,0\n")
+    cases["listed file missing"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", missing_file],
+                                    "9999999.jpg")
+    cases["missing --csv"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", tmp_path / "x.csv"],
+                              "x.csv")
+    cases["missing split csv"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "dev"], "dev.csv")
+    cases["train prior without train.csv"] = (["--checkpoint", ckpt, "--data-dir", corrupt.parent / "plain",
+                                               "--prior", "train"], "train.csv")
+    return cases
+
+
+def test_bad_inputs_exit_2_one_line_no_csv(trained, cpen_root, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    write_image(str(plain / "a.png"), class_images([1], seed=2)[0])
+    for name, (argv, needle) in bad_input_cases(trained, cpen_root, tmp_path).items():
+        out = tmp_path / f"{name.replace(' ', '_')}.csv"
+        logits = tmp_path / f"{name.replace(' ', '_')}.npy"
+        rc, _, err = run_main(capsys, *argv, "--out", out, "--logits", logits)
+        lines = err.strip().splitlines()
+        assert rc == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("classify.py: error:"), (name, err)
+        assert needle in lines[0], (name, lines[0])
+        assert not out.exists() and not logits.exists(), name
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert not leftovers
+
+
+def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
+    path = tmp_path / "uncond.pt"
+    model = build_model({**CONFIG, "num_classes": 0})
+    utils.save_checkpoint(str(path), {"model": model.state_dict(), "ema": None,
+                                      "config": {**CONFIG, "num_classes": 0}, "epoch": 0, "step": 0})
+    rc, _, err = run_main(capsys, "--checkpoint", path, "--data-dir", cpen_root, "--out", tmp_path / "p.csv")
+    assert rc == 2 and "unconditional" in err and len(err.strip().splitlines()) == 1
+
+
+def run_cli(*argv):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "classify.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_subprocess(trained, cpen_root, tmp_path):
+    """The real command line: success on the test split; a corrupt image gives exit 2 and exactly
+    one stderr line (no traceback), and no CSV."""
+    ckpt, _ = trained
+    out = tmp_path / "pred.csv"
+    result = run_cli("--checkpoint", ckpt, "--data-dir", cpen_root, "--out", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert [r[0] for r in read_csv(out)[1]] == csv_ids(cpen_root / "test.csv")
+    assert "images/s" in result.stdout
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out2 = tmp_path / "pred2.csv"
+    result = run_cli("--checkpoint", ckpt, "--data-dir", corrupt, "--out", out2)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "x.png" in lines[0] and "Traceback" not in result.stderr
+    assert not out2.exists()
+    result = run_cli("--checkpoint", ckpt, "--out", out2)  # a bad command line: one line too
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
