@@ -25,6 +25,16 @@ CONFIG = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "dropout": 0.0,
           "embedding_dim": 4, "block_conditioning": "bias", "image_size": SIZE}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with two, a busy 2-core machine spends its time in
+    OpenMP waits (10x slower). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def class_images(labels, seed, size=SIZE):
     """uint8 [N, 3, size, size]: class k is a flat colour with channel k bright, plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -342,7 +352,7 @@ def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
 
 
 def run_cli(*argv):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "classify.py"), *map(str, argv)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
