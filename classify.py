@@ -304,6 +304,8 @@ def run(args):
     elif (labels >= 0).any():
         print(f"labels are known for {(labels >= 0).sum()} of {labels.size} images; metrics need "
               "all of them (use --csv with the labelled rows only)")
+    if metrics is None and args.metrics_out is not None:
+        print(f"no metrics (the labels are unknown); {args.metrics_out} not written")
 
     text = csv_text(ids, predictions, loglik, posteriors)
     if args.logits is not None:

@@ -378,3 +378,30 @@ def test_cli_subprocess(trained, cpen_root, tmp_path):
     assert not out2.exists()
     result = run_cli("--checkpoint", ckpt, "--out", out2)  # a bad command line: one line too
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+REAL_ROOT = os.path.join(ROOT, "..", "shared", "data", "cpen455")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_ROOT, "train.csv")), reason="no CPEN455 data")
+def test_real_cpen455_subset(tmp_path, capsys):
+    """The real data (64x64 JPEGs, a few grayscale, CRLF rows), a few rows through --csv, with an
+    untrained 32x32 model: one row per image in CSV order, ids as listed, metrics printed."""
+    config = {**CONFIG, "num_classes": 4, "image_size": 32}
+    path = tmp_path / "c.pt"
+    model = build_model(config)
+    utils.save_checkpoint(str(path), {"model": model.state_dict(), "ema": model.state_dict(),
+                                      "config": config, "epoch": 0, "step": 0})
+    with open(os.path.join(REAL_ROOT, "train.csv"), newline="") as f:
+        rows = f.read().split("\r\n")
+    chosen = rows[:5] + [r for r in rows if r.startswith("train/0000208.jpg,")]  # 0000208: grayscale
+    subset = tmp_path / "subset.csv"
+    subset.write_bytes(("\r\n".join(chosen) + "\r\n").encode())
+    out = tmp_path / "pred.csv"
+    rc, stdout, err = run_main(capsys, "--checkpoint", path, "--data-dir", REAL_ROOT, "--csv", subset,
+                               "--out", out, "--prior", "train")
+    assert rc == 0, err
+    header, got = read_csv(out)
+    assert header[:2] == ["id", "label"] and len(header) == 2 + 2 * 4
+    assert [r[0] for r in got] == [r.split(",")[0] for r in chosen]
+    assert "accuracy" in stdout
