@@ -242,11 +242,11 @@ def build_parser():
     p.add_argument("--data-dir", required=True,
                    help="a CPEN455-layout root (with <split>.csv) or a plain folder of images")
     p.add_argument("--split", default="test", help="which <split>.csv of a CPEN455 root (default test)")
-    p.add_argument("--csv", default=None,
+    p.add_argument("--csv", default=None, metavar="PATH",
                    help="take the files (and labels) from this CSV instead of <data-dir>/<split>.csv; "
                         "ids are relative to --data-dir")
     p.add_argument("--out", required=True, help="the predictions CSV to write")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass (each is scored under all K labels: K x this)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--prior", choices=("uniform", "train"), default="uniform",

@@ -368,23 +368,28 @@ def parse_classes(text, num_classes):
 
 def build_parser():
     p = OneLineParser(prog=PROG, description="Draw images of each class from a conditional "
-                      "PixelCNN++ checkpoint, save grids and single PNGs, and optionally score FID.")
+                      "PixelCNN++ checkpoint, save grids and single PNGs, and optionally score FID.",
+                      epilog="--fid-ref DIR is a folder of ClassK/ subfolders (FID per class and "
+                      "pooled), a CPEN455-layout root with <fid-ref-split>.csv (per class from its "
+                      "labels), or a plain folder of images (pooled only). Reference images are "
+                      "resized to the model's image size. Offline, pass --fid-weights with the file "
+                      "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's releases.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     p.add_argument("--out-dir", required=True, help="where grid_ClassK.png and ClassK/NNNN.png go")
-    p.add_argument("--n-per-class", type=int, default=25, help="images per class (default 25)")
+    p.add_argument("--n-per-class", type=int, default=25, metavar="N", help="images per class (default 25)")
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: all)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per sampling batch (default: --n-per-class); part of what --seed fixes")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--sampler", choices=("fast", "naive"), default="fast",
                    help="fast: cached incremental sampler (default); naive: one forward pass per pixel")
-    p.add_argument("--fid-ref", default=None, help="compute FID against this folder (see --help text)")
+    p.add_argument("--fid-ref", default=None, metavar="DIR", help="compute FID against the images in DIR (see below)")
     p.add_argument("--fid-ref-split", default="train",
                    help="for a CPEN455-layout --fid-ref: which <split>.csv (default train)")
     p.add_argument("--fid-dims", type=int, default=2048, choices=FID_DIMS,
                    help="Inception feature dimensions (default 2048)")
-    p.add_argument("--fid-weights", default=None,
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
                    help="local pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -459,13 +464,14 @@ def run(args, extractor=None):
 
     if ref is not None:
         gen_feats = extract_features(torch.cat(all_images), extractor, args.fid_batch_size, device)
-        results, messages = compute_fid(gen_feats, all_labels, ref[0], ref[1])
+        dims = gen_feats.shape[1]  # args.fid_dims for Inception; whatever a stand-in extractor gives
+        results, messages = compute_fid(gen_feats, all_labels, ref[0], ref[1], dims)
         for message in messages:
             print(message, file=sys.stderr)
         for name, r in results.items():
             print(f"FID {name}: {r['fid']:.3f} ({r['n_generated']} generated vs {r['n_reference']} "
-                  f"reference images, {args.fid_dims} dims)")
-        summary = {"fid_dims": args.fid_dims, "reference": args.fid_ref, "checkpoint": args.checkpoint,
+                  f"reference images, {dims} dims)")
+        summary = {"fid_dims": dims, "reference": args.fid_ref, "checkpoint": args.checkpoint,
                    "seed": args.seed, "sampler": args.sampler, "results": results, "warnings": messages}
         with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
             json.dump(summary, f, indent=2)
