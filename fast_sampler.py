@@ -181,15 +181,16 @@ class IncrementalPixelCNN:
 
 
 @torch.inference_mode()
-def generate_fast(model, labels, generator, progress=None):
+def generate_fast(model, labels, generator, progress=None, n=None):
     """Sample a batch pixel by pixel with the cache: float images in [-1, 1], [B, 3, H, W].
+    B is len(labels), or n for an unconditional model (labels None).
 
     Draws its random numbers exactly as the naive sampler does (one mixture_noise per pixel,
     in raster order), so both give the same images from the same generator.
     """
     model.eval()
     param = next(model.parameters())
-    batch_size = labels.shape[0] if labels is not None else 1
+    batch_size = labels.shape[0] if labels is not None else n
     net = IncrementalPixelCNN(model, labels, batch_size, param.device, param.dtype)
     size = model.config["image_size"]
     images = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)

@@ -26,7 +26,6 @@ images was such a case). pytorch-fid downloads its Inception weights on first us
 $TORCH_HOME/hub/checkpoints/.
 """
 import argparse
-import inspect
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from tqdm import tqdm
 import utils
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, split_csv_path)
+from fast_sampler import generate_fast
 
 PROG = "sample.py"
 FID_DIMS = (64, 192, 768, 2048)
@@ -86,17 +86,6 @@ def generate_naive(model, labels, generator, progress=None, n=None):
     return x
 
 
-def _fast_sampler():
-    try:
-        import fast_sampler
-    except ModuleNotFoundError as err:
-        if err.name != "fast_sampler":
-            raise
-        raise NotImplementedError("the fast sampler (fast_sampler.py) is not available; "
-                                  "use --sampler naive") from None
-    return fast_sampler.generate_fast
-
-
 def to_uint8(x):
     """Images in [-1, 1] on the 256 levels -> uint8: round((x + 1) * 127.5)."""
     return torch.round((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
@@ -116,16 +105,7 @@ def generate(model, labels, sampler="fast", seed=0, n=None, progress=None):
     if sampler == "naive":
         images = generate_naive(model, labels, generator, progress=progress, n=n)
     else:
-        generate_fast = _fast_sampler()
-        kwargs = {"progress": progress}
-        if labels is None:
-            if "n" not in inspect.signature(generate_fast).parameters:
-                if n not in (None, 1):
-                    raise NotImplementedError("the fast sampler draws unconditional batches of 1 only; "
-                                              "use --sampler naive or --batch-size 1")
-            else:
-                kwargs["n"] = n
-        images = generate_fast(model, labels, generator, **kwargs)
+        images = generate_fast(model, labels, generator, progress=progress, n=n)
     return to_uint8(images)
 
 
@@ -412,11 +392,6 @@ def run(args, extractor=None):
     num_classes, size = model.config["num_classes"], model.config["image_size"]
     classes = parse_classes(args.classes, num_classes)
     batch_size = args.batch_size or args.n_per_class
-    if args.sampler == "fast":
-        _fast_sampler()  # fail now, not after the FID set-up
-        if num_classes == 0 and batch_size > 1 and "n" not in inspect.signature(_fast_sampler()).parameters:
-            raise UsageError("the fast sampler draws unconditional batches of 1 only; "
-                             "use --sampler naive or --batch-size 1")
 
     # FID set-up first: a missing weights file or a bad reference folder should stop us before
     # minutes of sampling, not after.
@@ -482,7 +457,7 @@ def main(argv=None, extractor=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args, extractor)
-    except (DataError, utils.CheckpointError, UsageError, FIDWeightsError, NotImplementedError) as err:
+    except (DataError, utils.CheckpointError, UsageError, FIDWeightsError) as err:
         message = " ".join(str(err).split())  # exactly one line
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

@@ -166,9 +166,10 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(tmp_path / "other.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "junk.pt")
+    for name, content in [("junk.pt", b"not a checkpoint at all"), ("hello.pt", b"hello"), ("empty.pt", b"")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=name):
+            load_checkpoint(tmp_path / name)
 
 
 def test_model_from_checkpoint_prefers_ema(tmp_path):
