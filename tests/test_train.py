@@ -1,0 +1,267 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, REPO)
+import dataset  # noqa: E402
+import train  # noqa: E402
+from utils import load_checkpoint, model_from_checkpoint  # noqa: E402
+
+TINY = ["--nr-resnet", "1", "--nr-filters", "8", "--nr-logistic-mix", "2", "--embedding-dim", "4",
+        "--image-size", "8", "--dropout", "0.2", "--batch-size", "8", "--eval-batch-size", "16",
+        "--samples-per-class", "0", "--make-demo-data", "false", "--wandb", "disabled",
+        "--lr", "0.002", "--ema-decay", "0.9"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """24 training and 8 validation images of 8x8: 3 steps per epoch at batch 8."""
+    root = str(tmp_path_factory.mktemp("data") / "demo")
+    return dataset.make_demo_dataset(root, seed=1, n_per_class=6, n_val_per_class=2,
+                                     n_test_per_class=1, image_size=8)
+
+
+def args(data, out, *extra):
+    return [*TINY, "--data-dir", data, "--out-dir", str(out), *map(str, extra)]
+
+
+def run_cli(argv, timeout=120, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def test_unknown_flag_exits_2_with_one_line():
+    result = run_cli(["--bogus-key", "3"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--bogus-key" in lines[0]
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("nr_filters: 8\nlearning_rate: 0.1\n")
+    for argv, name in [(["--config", str(bad_yaml)], "learning_rate"),
+                       (["--epochs", "many"], "epochs"),
+                       (["--block-conditioning", "sideways"], "block_conditioning"),
+                       (["--max-time", "soon"], "max_time"),
+                       (["--config", str(tmp_path / "missing.yaml")], "missing.yaml")]:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0], (argv, err)
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 5\nlr: 1e-3\nbatch_size: 4\n")
+    config, state = train.resolve_config(["--config", str(path), "--batch_size", "7", "--max-time=2h",
+                                          "--amp"])
+    assert state is None
+    assert config["epochs"] == 5 and config["lr"] == 0.001 and config["batch_size"] == 7
+    assert config["amp"] is True and config["max_time"] == "2h" and config["nr_resnet"] == 1
+    assert train.parse_duration("45m") == 2700 and train.parse_duration("1h30m") == 5400
+    assert train.parse_duration("90s") == 90 and train.parse_duration(None) is None
+
+
+def test_shipped_configs_are_valid():
+    with open(os.path.join(REPO, "configs", "demo.yaml")) as f:
+        assert yaml.safe_load(f) == train.DEFAULTS  # the demo config is the embedded default
+    for name in ("seed", "cpen455"):
+        config, _ = train.resolve_config(["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
+        assert config["num_classes"] == 4 and config["image_size"] == 32
+    seed, _ = train.resolve_config(["--config", os.path.join(REPO, "configs", "seed.yaml")])
+    assert (seed["embedding_dim"], seed["block_conditioning"], seed["nr_resnet"], seed["nr_filters"],
+            seed["nr_logistic_mix"], seed["batch_size"]) == (32, "none", 2, 160, 10, 16)
+
+
+def test_bad_data_stops_before_training(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    (root / "train.csv").write_text("train/missing.png,0\r\n")
+    out = tmp_path / "out"
+    assert train.main(args(str(root), out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.csv, row 1" in err[0] and "missing.png" in err[0]
+    assert not os.path.exists(out / "last.pt")
+    (root / "train.csv").write_text("train/missing.png,7\r\n")
+    assert train.main(args(str(root), out)) == 2
+    assert "label 7 is outside 0..3" in capsys.readouterr().err
+    assert train.main(args(str(tmp_path / "nowhere"), out)) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+# --- training, checkpoints and resume ------------------------------------------------------------
+
+def test_checkpoint_contents_and_refusal_to_overwrite(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--samples-per-class", "1")) == 0
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)
+        for key in ("model", "ema", "optimizer", "scheduler", "config", "epoch", "step", "rng",
+                    "wandb_id", "best"):
+            assert key in state
+        assert state["epoch"] == 1 and state["step"] == 3 and state["batch_in_epoch"] == 0
+        assert set(train.DEFAULTS) == set(state["config"])
+        model = model_from_checkpoint(load_checkpoint(str(out / name)))
+        x = torch.zeros(2, 3, 8, 8)
+        assert model(x, torch.tensor([0, 3])).shape == (2, 20, 8, 8)
+    metrics = read_metrics(out)
+    assert len(metrics) == 1
+    assert set(metrics[0]) == {"epoch", "step", "train_bpd", "val_bpd", "val_acc", "lr", "seconds"}
+    assert os.path.isfile(out / "samples_epoch0001.png") and os.path.isfile(out / "config.yaml")
+    capsys.readouterr()
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 2  # would clobber last.pt
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    """Two epochs in one run == one epoch, then a resumed one == a stop after one step (max_time),
+    then a resume: bitwise on a CPU, with dropout and the classification term on."""
+    extra = ["--cls-loss-weight", "0.01"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert train.main(args(tiny_data, a, "--epochs", "2", *extra)) == 0
+    assert train.main(args(tiny_data, b, "--epochs", "1", *extra)) == 0
+    assert train.main(args(tiny_data, b, "--epochs", "2", "--resume", *extra)) == 0
+    assert train.main(args(tiny_data, c, "--epochs", "2", "--max-time", "0.001s", *extra)) == 0
+    stopped = torch.load(c / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (0, 1, 1)
+    assert train.main(args(tiny_data, c, "--resume", str(c / "last.pt"), "--max-time", "null")) == 0
+    sa, sb, sc = (torch.load(d / "last.pt", weights_only=True) for d in (a, b, c))
+    assert sa["step"] == sb["step"] == sc["step"] == 6
+    for other in (sb, sc):
+        for key in ("model", "ema", "optimizer", "scheduler", "rng"):
+            assert_same_tensors(sa[key], other[key], key)
+        assert other["wandb_id"] != sa["wandb_id"]
+    assert sb["wandb_id"] == torch.load(b / "best.pt", weights_only=True)["wandb_id"]
+    assert [m["epoch"] for m in read_metrics(b)] == [1, 2]
+    assert read_metrics(a)[-1]["val_bpd"] == read_metrics(b)[-1]["val_bpd"]
+
+
+def test_resume_cannot_change_the_model(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume", "--nr-filters", "16")) == 2
+    assert "nr_filters" in capsys.readouterr().err
+
+
+def test_max_time_ends_cleanly(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    start = time.time()
+    assert train.main(args(tiny_data, out, "--epochs", "100000", "--max-time", "1s")) == 0
+    assert time.time() - start < 60
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert 0 < state["step"] < 300000
+    assert read_metrics(out)[-1]["step"] == state["step"]
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    real_nll, calls = train.discretized_mix_logistic_nll, []
+
+    def poisoned(x, params):
+        calls.append(1)
+        nll = real_nll(x, params)
+        return nll * float("nan") if len(calls) == 2 else nll
+    monkeypatch.setattr(train, "discretized_mix_logistic_nll", poisoned)
+    capsys.readouterr()
+    assert train.main(args(tiny_data, out, "--epochs", "3", "--resume")) == 3
+    err = capsys.readouterr().err
+    assert "nan" in err and "step 5" in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_sigterm_saves_last_and_sigkill_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    argv = args(tiny_data, out, "--epochs", "100000", "--eval-every", "1000", "--save-every", "1")
+
+    def start_and_wait_for_checkpoint():
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO,
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 90
+        while not os.path.isfile(out / "last.pt") or os.path.getmtime(out / "last.pt") < started:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no checkpoint written"
+            time.sleep(0.05)
+        time.sleep(0.3)  # mid-training, maybe mid-save
+        return proc
+
+    started = time.time()
+    proc = start_and_wait_for_checkpoint()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "saved" in proc.stderr.read()
+    saved = torch.load(out / "last.pt", weights_only=True)
+
+    started = time.time()
+    argv += ["--resume"]
+    proc = start_and_wait_for_checkpoint()
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    killed = load_checkpoint(str(out / "last.pt"))
+    assert killed["step"] > saved["step"]
+    result = run_cli(args(tiny_data, out, "--resume", "--epochs", killed["epoch"] + 1))
+    assert result.returncode == 0, result.stderr
+    final = torch.load(out / "last.pt", weights_only=True)
+    assert final["epoch"] == killed["epoch"] + 1 and final["batch_in_epoch"] == 0
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "train.py"), *args(tiny_data, out, "--epochs", "2", "--device", "cpu")]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(str(out / "last.pt"))
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert state["step"] == 4  # 24 images over 2 processes at batch 8: 2 steps per epoch
+    assert not any(k.startswith("module.") for k in state["model"])
+    model = model_from_checkpoint(state)
+    assert torch.isfinite(model(torch.zeros(1, 3, 8, 8), torch.tensor([1]))).all()
+    assert len(read_metrics(out)) == 2  # rank 0 only
+
+
+def test_demo_config_learns_to_classify(tmp_path):
+    """The demo config, on the generated demo data, shrunk to 16x16 and 2 epochs for speed."""
+    out = tmp_path / "out"
+    result = run_cli(["--config", "configs/demo.yaml", "--data-dir", str(tmp_path / "demo"),
+                      "--out-dir", str(out), "--image-size", "16", "--epochs", "2",
+                      "--samples-per-class", "0", "--wandb", "disabled"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "demo" / "train.csv")  # generated on the fly
+    metrics = read_metrics(out)
+    assert metrics[-1]["val_acc"] > 0.6, metrics  # chance is 0.25
