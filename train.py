@@ -10,7 +10,6 @@ error (bad flag, config or data; one line on stderr), 3 a non-finite loss, 128+N
 (after saving last.pt).
 """
 import json
-import math
 import os
 import random
 import re
@@ -522,6 +521,12 @@ class Trainer:
         }
 
     def load_state(self, state):
+        needed = ("model", "ema", "optimizer", "scheduler", "epoch", "batch_in_epoch", "step", "rng",
+                  "epoch_bpd_sum", "epoch_batches", "elapsed", "wandb_id", "best", "metrics")
+        missing = [key for key in needed if key not in state]
+        if missing:
+            raise CheckpointError(f"{self.config['resume']}: cannot resume from it: not a train.py "
+                                  f"checkpoint (no {missing[0]!r}); it can still be used for classify/sample")
         try:
             self.model.load_state_dict(state["model"])
             self.ema.module.load_state_dict(state["ema"])

@@ -206,35 +206,40 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkeyp
 def test_sigterm_saves_last_and_sigkill_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "out"
     argv = args(tiny_data, out, "--epochs", "100000", "--eval-every", "1000", "--save-every", "1")
+    log_path = tmp_path / "stderr.txt"
 
-    def start_and_wait_for_checkpoint():
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO,
-                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 90
+    def log_tail():
+        return log_path.read_text()[-2000:]
+
+    def start_and_wait_for_checkpoint(started):
+        # stderr goes to a file: a pipe that nobody reads could fill up and block the child
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO,
+                                    env=ENV, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.time() + 120
         while not os.path.isfile(out / "last.pt") or os.path.getmtime(out / "last.pt") < started:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "no checkpoint written"
+            assert proc.poll() is None, log_tail()
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"no checkpoint written: {log_tail()}")
             time.sleep(0.05)
         time.sleep(0.3)  # mid-training, maybe mid-save
         return proc
 
-    started = time.time()
-    proc = start_and_wait_for_checkpoint()
+    proc = start_and_wait_for_checkpoint(time.time())
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    assert "saved" in proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log_tail()
+    assert "saved" in log_tail()
     saved = torch.load(out / "last.pt", weights_only=True)
 
-    started = time.time()
     argv += ["--resume"]
-    proc = start_and_wait_for_checkpoint()
+    proc = start_and_wait_for_checkpoint(time.time())
     proc.kill()  # SIGKILL: no chance to clean up
-    proc.wait(timeout=30)
-    proc.stderr.close()
+    proc.wait(timeout=60)
     killed = load_checkpoint(str(out / "last.pt"))
     assert killed["step"] > saved["step"]
-    result = run_cli(args(tiny_data, out, "--resume", "--epochs", killed["epoch"] + 1))
-    assert result.returncode == 0, result.stderr
+    result = run_cli(args(tiny_data, out, "--resume", "--epochs", killed["epoch"] + 1), timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
     final = torch.load(out / "last.pt", weights_only=True)
     assert final["epoch"] == killed["epoch"] + 1 and final["batch_in_epoch"] == 0
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
@@ -264,4 +269,4 @@ def test_demo_config_learns_to_classify(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(tmp_path / "demo" / "train.csv")  # generated on the fly
     metrics = read_metrics(out)
-    assert metrics[-1]["val_acc"] > 0.6, metrics  # chance is 0.25
+    assert metrics[-1]["val_acc"] > 0.7, metrics  # chance is 0.25
