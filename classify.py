@@ -38,10 +38,6 @@ PROG = "classify.py"
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # CSVs that mark a CPEN455 root
 
 
-class UsageError(Exception):
-    """A user's mistake that is not about a data file or a checkpoint; one line."""
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad command line gives one stderr line (and exit code 2), no usage dump."""
 
@@ -90,7 +86,7 @@ def log_prior_from_labels(labels, num_classes):
     A class that never occurs gets log 0 = -inf: it is never predicted."""
     labels = np.asarray([l for l in labels if l >= 0], dtype=np.int64)
     if labels.size == 0:
-        raise UsageError("no known labels to estimate the train prior from")
+        raise utils.UsageError("no known labels to estimate the train prior from")
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
         return np.log(counts / counts.sum())
@@ -139,35 +135,6 @@ def score_images(model, images, num_classes, batch_size, device, progress=True):
 
 # ---------------------------------------------------------------------------------------------
 # Input, output.
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
-
-
-def load_model(checkpoint, device):
-    """The EMA model of a train.py checkpoint, on `device`, in eval mode. CheckpointError otherwise."""
-    try:
-        state = utils.load_checkpoint(checkpoint, map_location="cpu")
-    except utils.CheckpointError:
-        raise
-    except Exception as err:  # torch.load on a foreign file can raise almost anything
-        raise utils.CheckpointError(f"{checkpoint} is not a loadable checkpoint "
-                                    f"({type(err).__name__}: {str(err)[:200]})") from None
-    try:
-        model = utils.model_from_checkpoint(state, weights="ema")
-    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise utils.CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
-                                    f"describes ({reason})") from None
-    return model.to(device).eval()
-
 
 def find_inputs(data_dir, split, csv_path, num_classes):
     """(items [(id, label)], file paths, csv used or None) for a CPEN455 root or a plain folder."""
@@ -259,16 +226,16 @@ def build_parser():
 
 def run(args):
     if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise utils.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for option, path in (("--out", args.out), ("--logits", args.logits),
                          ("--metrics-out", args.metrics_out)):
         if path is not None and os.path.isdir(path):
-            raise UsageError(f"{option} {path} is a directory; give a file name")
-    device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+            raise utils.UsageError(f"{option} {path} is a directory; give a file name")
+    device = utils.resolve_device(args.device)
+    model = utils.load_model(args.checkpoint, device)
     num_classes = model.config["num_classes"]
     if num_classes < 1:
-        raise UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
+        raise utils.UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
 
     items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
     log_prior = None
@@ -322,7 +289,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (DataError, utils.CheckpointError, UsageError) as err:
+    except (DataError, utils.CheckpointError, utils.UsageError) as err:
         message = " ".join(str(err).split())  # exactly one line
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

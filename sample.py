@@ -49,10 +49,6 @@ FID_DIMS = (64, 192, 768, 2048)
 UNCONDITIONAL_NAME = "Unconditional"
 
 
-class UsageError(Exception):
-    """A user's mistake that is not about a data file or a checkpoint; one line."""
-
-
 class FIDWeightsError(Exception):
     """The Inception weights for FID cannot be had; the message says how to supply them."""
 
@@ -210,7 +206,7 @@ def inception_extractor(dims=2048, weights=None, device="cpu"):
 
     from pytorch_fid import inception as fid_inception
     if dims not in fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM:
-        raise UsageError(f"--fid-dims must be one of {FID_DIMS}, got {dims}")
+        raise utils.UsageError(f"--fid-dims must be one of {FID_DIMS}, got {dims}")
     path = inception_weights_path(weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -300,49 +296,20 @@ def compute_fid(gen_feats, gen_labels, ref_feats, ref_labels, dims=None):
 # ---------------------------------------------------------------------------------------------
 # The command line.
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
-
-
-def load_model(checkpoint, device):
-    """The EMA model of a train.py checkpoint, on `device`, in eval mode. CheckpointError otherwise."""
-    try:
-        state = utils.load_checkpoint(checkpoint, map_location="cpu")
-    except utils.CheckpointError:
-        raise
-    except Exception as err:  # torch.load on a foreign file can raise almost anything
-        raise utils.CheckpointError(f"{checkpoint} is not a loadable checkpoint "
-                                    f"({type(err).__name__}: {str(err)[:200]})") from None
-    try:
-        model = utils.model_from_checkpoint(state, weights="ema")
-    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise utils.CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
-                                    f"describes ({reason})") from None
-    return model.to(device).eval()
-
-
 def parse_classes(text, num_classes):
     if num_classes == 0:
         if text is not None:
-            raise UsageError("--classes: the model is unconditional (num_classes 0)")
+            raise utils.UsageError("--classes: the model is unconditional (num_classes 0)")
         return [None]
     if text is None:
         return list(range(num_classes))
     try:
         classes = [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
-        raise UsageError(f"--classes must be class indices like 0,2, got {text!r}") from None
+        raise utils.UsageError(f"--classes must be class indices like 0,2, got {text!r}") from None
     bad = [k for k in classes if not 0 <= k < num_classes]
     if bad or not classes:
-        raise UsageError(f"--classes {text!r}: the model has classes 0..{num_classes - 1}")
+        raise utils.UsageError(f"--classes {text!r}: the model has classes 0..{num_classes - 1}")
     return sorted(set(classes), key=classes.index)
 
 
@@ -380,15 +347,15 @@ def run(args, extractor=None):
     """The CLI's work. `extractor` replaces pytorch-fid's Inception (tests pass a tiny network)."""
     for option in ("n_per_class", "fid_batch_size"):
         if getattr(args, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+            raise utils.UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise utils.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+        raise utils.UsageError(f"--seed must be >= 0, got {args.seed}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
-    device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+        raise utils.UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
+    device = utils.resolve_device(args.device)
+    model = utils.load_model(args.checkpoint, device)
     num_classes, size = model.config["num_classes"], model.config["image_size"]
     classes = parse_classes(args.classes, num_classes)
     batch_size = args.batch_size or args.n_per_class
@@ -457,7 +424,7 @@ def main(argv=None, extractor=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args, extractor)
-    except (DataError, utils.CheckpointError, UsageError, FIDWeightsError) as err:
+    except (DataError, utils.CheckpointError, utils.UsageError, FIDWeightsError) as err:
         message = " ".join(str(err).split())  # exactly one line
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

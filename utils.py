@@ -23,6 +23,10 @@ class CheckpointError(Exception):
     """A checkpoint file that is missing, unreadable, or not one of ours."""
 
 
+class UsageError(Exception):
+    """A user's mistake on the command line (not about a data file or a checkpoint); one line."""
+
+
 def split_mixture_params(params):
     """[B, 10M, H, W] -> logits [B, M, H, W]; means, log_scales, coeffs, each [B, 3, M, H, W]."""
     B, C, H, W = params.shape
@@ -180,6 +184,30 @@ def model_from_checkpoint(state, weights="ema"):
     key = "ema" if weights == "ema" and state.get("ema") is not None else "model"
     model.load_state_dict(state[key])
     return model.eval()
+
+
+def load_model(checkpoint, device):
+    """The EMA model of a train.py checkpoint, on `device`, in eval mode; CheckpointError otherwise."""
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    try:
+        model = model_from_checkpoint(state, weights="ema")
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
+                              f"describes ({reason})") from None
+    return model.to(device).eval()
+
+
+def resolve_device(name):
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N' -> torch.device; UsageError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 def seed_everything(seed):

@@ -12,27 +12,16 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import classify  # noqa: E402
-import utils  # noqa: E402
-from dataset import load_images, to_model_input  # noqa: E402
-from model import build_model  # noqa: E402
+import classify
+import utils
+from dataset import load_images, to_model_input
+from model import build_model
 
 K = 3
 SIZE = 8
 CONFIG = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "dropout": 0.0, "num_classes": K,
           "embedding_dim": 4, "block_conditioning": "bias", "image_size": SIZE}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with two, a busy 2-core machine spends its time in
-    OpenMP waits (10x slower). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def class_images(labels, seed, size=SIZE):
