@@ -63,6 +63,7 @@ DEFAULTS = {
     "device": "auto",           # auto | cpu | cuda
     "amp": False,               # bf16 autocast (CUDA only)
     "compile": False,           # torch.compile (CUDA only)
+    "channels_last": False,     # channels-last memory format (faster convolutions on CPUs; see BENCHMARKS.md)
     # schedule of evaluations, checkpoints and samples (in epochs)
     "out_dir": "checkpoints/demo",
     "eval_every": 1,
@@ -82,7 +83,7 @@ INT_KEYS = {"nr_resnet", "nr_filters", "nr_logistic_mix", "num_classes", "embedd
             "num_workers", "epochs", "batch_size", "eval_batch_size", "seed", "eval_every",
             "save_every", "sample_every", "samples_per_class"}
 FLOAT_KEYS = {"dropout", "val_fraction", "lr", "lr_decay", "grad_clip", "ema_decay", "cls_loss_weight"}
-BOOL_KEYS = {"make_demo_data", "amp", "compile", "overwrite"}
+BOOL_KEYS = {"make_demo_data", "amp", "compile", "channels_last", "overwrite"}
 STR_KEYS = {"block_conditioning", "data_dir", "train_split", "val_split", "device", "out_dir",
             "best_metric", "wandb", "wandb_project", "max_time", "resume"}
 NULLABLE = {"grad_clip", "val_split", "max_time", "resume"}
@@ -387,6 +388,21 @@ class Stop(Exception):
         self.code = code
 
 
+def training_loss(net, x, y, num_classes, cls_loss_weight):
+    """-> (loss, mean bits/dim under the true labels). The loss is that bits/dim, plus
+    cls_loss_weight x the cross-entropy of the label posterior, which comes from the same
+    forward pass of the K-fold batch that gives the true label's likelihood."""
+    if cls_loss_weight > 0:
+        ll = class_log_likelihoods(net, x, num_classes)  # [B, K]
+        nll = -ll.gather(1, y[:, None]).squeeze(1)
+        ce = F.nll_loss(log_posterior(ll.float()), y)
+    else:
+        nll = discretized_mix_logistic_nll(x, net(x, y if num_classes else None))
+        ce = None
+    bpd = bits_per_dim(nll.float(), x.shape[1:]).mean()
+    return (bpd if ce is None else bpd + cls_loss_weight * ce), bpd
+
+
 class Trainer:
     def __init__(self, config, resume_state):
         self.config = config
@@ -426,6 +442,8 @@ class Trainer:
         self.train_data, self.val_data, description = load_data(c, self.is_main)
         seed_everything(c["seed"])
         self.model = build_model({k: c[k] for k in MODEL_DEFAULTS}).to(self.device)
+        if c["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.resume_state is None:
             self.data_dependent_init()
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(c["ema_decay"]),
@@ -582,16 +600,10 @@ class Trainer:
         """One optimisation step; -> the batch's mean bits/dim (all-reduced); may raise Stop."""
         c = self.config
         K = c["num_classes"]
+        if c["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            if c["cls_loss_weight"] > 0:
-                ll = class_log_likelihoods(self.net, x, K)  # [B, K], one forward of the K-fold batch
-                nll = -ll.gather(1, y[:, None]).squeeze(1)
-                ce = F.nll_loss(log_posterior(ll.float()), y)
-            else:
-                nll = discretized_mix_logistic_nll(x, self.net(x, y if K else None))
-                ce = None
-        bpd = bits_per_dim(nll.float(), x.shape[1:]).mean()
-        loss = bpd if ce is None else bpd + c["cls_loss_weight"] * ce
+            loss, bpd = training_loss(self.net, x, y, K, c["cls_loss_weight"])
         # One all-reduce per step carries the loss and the stop flags, so every process stops together.
         local = torch.tensor([float(self.signal_received is not None), float(self.time_is_up())],
                              dtype=torch.float64, device=x.device)
