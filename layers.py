@@ -175,14 +175,16 @@ class GatedResnet(nn.Module):
         self.skip = NIN(2 * skip_channels, channels) if skip_channels else None
         self.dropout = nn.Dropout(dropout)
         self.conv_out = conv_class(2 * channels, 2 * channels)
+        # Label parameters start at zero, so that every label starts with the same likelihood
+        # (see PixelCNNpp): random ones make log p(x|c) differ by hundreds of nats at step 0.
         self.conditioning = conditioning if num_classes else "none"
         if self.conditioning == "bias":
             self.label_bias = nn.Embedding(num_classes, 2 * channels)
-            nn.init.normal_(self.label_bias.weight, std=0.1)
+            nn.init.zeros_(self.label_bias.weight)
         elif self.conditioning == "film":
-            # Per label: a scale offset (so the scale starts near 1) and a shift, for 2*channels.
+            # Per label: a scale offset (the scale is 1 + offset) and a shift, for 2*channels.
             self.label_film = nn.Embedding(num_classes, 4 * channels)
-            nn.init.normal_(self.label_film.weight, std=0.1)
+            nn.init.zeros_(self.label_film.weight)
 
     def forward(self, x, skip=None, labels=None):
         h = self.conv_in(concat_elu(x))

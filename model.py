@@ -52,8 +52,14 @@ class PixelCNNpp(nn.Module):
         c = self.config
         nf, nr = c["nr_filters"], c["nr_resnet"]
         self.num_classes = c["num_classes"]
+        # Every label parameter starts at zero: all labels start with the same likelihood. Random
+        # ones would sum over 3072 dimensions into log p(x|c) that differ by hundreds of nats,
+        # and the hybrid objective's cross-entropy would then wreck the likelihood in its first
+        # steps. Gradients still reach them (through nonzero weights), so they learn at once.
         self.label_embedding = (nn.Embedding(c["num_classes"], c["embedding_dim"])
                                 if c["num_classes"] and c["embedding_dim"] else None)
+        if self.label_embedding is not None:
+            nn.init.zeros_(self.label_embedding.weight)
         in_channels = 3 + 1 + (c["embedding_dim"] if self.label_embedding is not None else 0)
 
         def resnet(conv_class, skip_channels=0):

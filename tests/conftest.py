@@ -15,3 +15,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def randomize_label_parameters(model, std=0.1, seed=0):
+    """Give a fresh model's label parameters (zero at init) random values, as training would,
+    so that tests see every conditioning route at work."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.split(".")[-2].startswith("label_"):
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
+    return model

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fast_sampler import IncrementalPixelCNN, generate_fast
+from conftest import randomize_label_parameters
 from model import build_model
 
 MODES = [(0, 0, "none"), (3, 4, "none"), (3, 0, "bias"), (3, 0, "film"), (3, 4, "film")]
@@ -10,9 +11,10 @@ MODES = [(0, 0, "none"), (3, 4, "none"), (3, 0, "bias"), (3, 0, "film"), (3, 4, 
 
 def tiny_model(nr_resnet, num_classes, embedding_dim, conditioning, size=8):
     torch.manual_seed(0)
-    return build_model(dict(nr_resnet=nr_resnet, nr_filters=8, nr_logistic_mix=2, dropout=0.0,
-                            image_size=size, num_classes=num_classes, embedding_dim=embedding_dim,
-                            block_conditioning=conditioning)).eval()
+    model = build_model(dict(nr_resnet=nr_resnet, nr_filters=8, nr_logistic_mix=2, dropout=0.0,
+                             image_size=size, num_classes=num_classes, embedding_dim=embedding_dim,
+                             block_conditioning=conditioning))
+    return randomize_label_parameters(model).eval()
 
 
 @pytest.mark.parametrize("nr_resnet", [1, 2])

@@ -60,6 +60,7 @@ def test_concat_elu_and_nin_shapes():
 def test_gated_resnet_uses_skip_and_label():
     torch.manual_seed(0)
     block = GatedResnet(4, DownShiftedConv2d, skip_channels=4, num_classes=3, conditioning="film")
+    torch.nn.init.normal_(block.label_film.weight, std=0.1)  # zero at init; as if trained
     x, skip = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
     out = block(x, skip, labels=torch.tensor([0, 1]))
     assert out.shape == x.shape

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import randomize_label_parameters
 from model import build_model
 
 MODES = [  # (num_classes, embedding_dim, block_conditioning)
@@ -19,7 +20,7 @@ def tiny_model(num_classes=3, embedding_dim=4, block_conditioning="none", **over
                   num_classes=num_classes, embedding_dim=embedding_dim,
                   block_conditioning=block_conditioning, **overrides)
     torch.manual_seed(0)
-    return build_model(config).double().eval()
+    return randomize_label_parameters(build_model(config)).double().eval()
 
 
 def labels_for(model, batch, value=1):
@@ -50,6 +51,15 @@ def test_label_changes_output(num_classes, embedding_dim, conditioning):
     out2 = model(x, torch.tensor([2, 2]))
     assert out0.shape == (2, 20, 8, 8)
     assert (out0 - out2).abs().max() > 1e-6
+
+
+def test_labels_start_neutral():
+    """At init every label gives the same output, so that the hybrid loss starts at log K."""
+    torch.manual_seed(0)
+    model = build_model(dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
+                             num_classes=3, embedding_dim=4, block_conditioning="film")).eval()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(model(x, torch.tensor([0, 0])), model(x, torch.tensor([2, 2])))
 
 
 def test_unconditional_model_needs_no_labels():

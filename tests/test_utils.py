@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from conftest import randomize_label_parameters
 from model import build_model
 from utils import (CheckpointError, bits_per_dim, class_log_likelihoods,
                    discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, load_checkpoint,
@@ -36,7 +37,7 @@ def test_one_pixel_sums_to_one_over_all_colours():
 
 def test_nll_of_a_batch_equals_nll_of_each_image():
     torch.manual_seed(0)
-    model = build_model(TINY).eval()
+    model = randomize_label_parameters(build_model(TINY)).eval()
     x = snap_to_levels(torch.rand(4, 3, 8, 8) * 2 - 1)
     labels = torch.tensor([0, 1, 2, 1])
     batch = discretized_mix_logistic_nll(x, model(x, labels))
@@ -47,7 +48,7 @@ def test_nll_of_a_batch_equals_nll_of_each_image():
 
 def test_class_log_likelihoods_equal_a_loop_over_labels():
     torch.manual_seed(0)
-    model = build_model(TINY).eval()
+    model = randomize_label_parameters(build_model(TINY)).eval()
     x = snap_to_levels(torch.rand(3, 3, 8, 8) * 2 - 1)
     scores = class_log_likelihoods(model, x, 3)
     loop = torch.stack([-discretized_mix_logistic_nll(x, model(x, torch.full((3,), c))) for c in range(3)], 1)
@@ -130,7 +131,7 @@ def test_bits_per_dim():
 
 def test_checkpoint_round_trips_bit_for_bit_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
-    model = build_model(TINY).eval()
+    model = randomize_label_parameters(build_model(TINY)).eval()
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x, torch.tensor([0, 2])).detach(), tmp_path / "expected.pt")
