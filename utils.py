@@ -156,6 +156,9 @@ def save_checkpoint(path, state):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint need not be
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
