@@ -62,7 +62,7 @@ DEFAULTS = {
     "seed": 0,
     "device": "auto",           # auto | cpu | cuda
     "amp": False,               # bf16 autocast (CUDA only)
-    "compile": False,           # torch.compile (CUDA only)
+    "compile": False,           # torch.compile (1.5x on a CPU too, after minutes of warm-up; BENCHMARKS.md)
     "channels_last": False,     # channels-last memory format (faster convolutions on CPUs; see BENCHMARKS.md)
     # schedule of evaluations, checkpoints and samples (in epochs)
     "out_dir": "checkpoints/demo",
@@ -463,7 +463,7 @@ class Trainer:
         if self.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.local_rank] if cuda else None)
-        if c["compile"] and cuda:
+        if c["compile"]:
             self.net = torch.compile(self.net)
         amp = c["amp"] and cuda
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp)

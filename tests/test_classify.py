@@ -224,7 +224,7 @@ def test_csv_subset_keeps_its_order(trained, cpen_root, tmp_path, capsys):
 
 
 def test_train_prior(trained, cpen_root, tmp_path, capsys):
-    """train.csv has classes 0 and 1 only (7 and 5 rows): with --prior train, class 2 is never
+    """train.csv has classes 0 and 1 only (6 rows each): with --prior train, class 2 is never
     predicted, and predictions and posteriors follow log p(x|c) + log(count_c / 12) by hand."""
     ckpt, _ = trained
     paths = {}
@@ -242,7 +242,7 @@ def test_train_prior(trained, cpen_root, tmp_path, capsys):
     assert (pred_u == 2).any(), "the uniform prior predicts class 2 for the class-2 images"
     assert not (pred_t == 2).any()
     with np.errstate(divide="ignore"):
-        log_prior = np.log(np.array([7, 5, 0]) / 12)
+        log_prior = np.log(np.array([6, 6, 0]) / 12)
     np.testing.assert_array_equal(pred_t, (logits + log_prior).argmax(axis=1))
     post_t = np.array([[float(v) for v in r[2 + K:]] for r in rows_t])
     finite = softmax(logits[:, :2] + log_prior[:2])
