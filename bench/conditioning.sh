@@ -17,12 +17,11 @@ mkdir -p runs
   run concat            --embedding-dim 32 --block-conditioning none --cls-loss-weight 0
   run bias              --embedding-dim 32 --block-conditioning bias --cls-loss-weight 0
   run film-only         --embedding-dim 0  --block-conditioning film --cls-loss-weight 0
-  run film-hybrid-0.001 --embedding-dim 32 --block-conditioning film --cls-loss-weight 0.001
 ) &
 (
   run film              --embedding-dim 32 --block-conditioning film --cls-loss-weight 0
   run concat-hybrid     --embedding-dim 32 --block-conditioning none --cls-loss-weight 0.01
-  run film-hybrid       --embedding-dim 32 --block-conditioning film --cls-loss-weight 0.01
+  run film-hybrid-0.0003 --embedding-dim 32 --block-conditioning film --cls-loss-weight 0.0003
 ) &
 wait
 for f in runs/ablation-$budget/*/metrics.jsonl; do echo "$f $(tail -n 1 "$f")"; done
