@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
 
 import dataset
 from fast_sampler import generate_fast
@@ -352,7 +353,6 @@ def evaluate(model, data, config, device, autocast, show_progress):
     nll_sum, correct, n = 0.0, 0, 0
     batches = range(0, len(data), bs)
     if show_progress:
-        from tqdm import tqdm
         batches = tqdm(batches, desc="eval", unit="batch", leave=False)
     for start in batches:
         x = dataset.to_model_input(data.images[start:start + bs]).to(device)
@@ -675,7 +675,6 @@ class Trainer:
             generator=torch.Generator().manual_seed(c["seed"] + self.epoch))  # not the global RNG
         progress = None
         if self.is_main:
-            from tqdm import tqdm
             progress = tqdm(total=len(batches) + self.batch_in_epoch, initial=self.batch_in_epoch,
                             desc=f"epoch {self.epoch + 1}/{c['epochs']}", unit="batch", leave=False)
         self.model.train()

@@ -87,7 +87,7 @@ def main():
             else:
                 rows = max(1, min(size, int(args.naive_budget / one_row)))
                 naive = time_sampler(model, labels, "naive", rows * size, device) * pixels / (rows * size)
-                timed_on = f"first {rows} rows, x{size // rows if size % rows == 0 else round(size / rows, 2)}"
+                timed_on = f"first {rows} rows, x{size / rows:.3g}"
             print(f"| {os.path.basename(path)} | {batch} | {naive:.1f} | {fast:.2f} | {naive / fast:.1f}x | {timed_on} |",
                   flush=True)
 
