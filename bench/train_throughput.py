@@ -41,7 +41,7 @@ def measure(config, variant, steps, batch_size, device):
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = training_loss(net, x, y, K, config["cls_loss_weight"])
+            loss, _ = training_loss(net, x, y, K, config["cls_loss_weight"], config["cls_batch_size"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -76,7 +76,7 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args()
     with open(args.config) as f:
-        config = {**MODEL_DEFAULTS, "cls_loss_weight": 0.0, **yaml.safe_load(f)}
+        config = {**MODEL_DEFAULTS, "cls_loss_weight": 0.0, "cls_batch_size": 0, **yaml.safe_load(f)}
     if args.one:
         result = measure(config, args.one, args.steps, args.batch_size, torch.device(args.device))
         print(json.dumps(result))
