@@ -2,6 +2,9 @@
 
     python bench/plot_curves.py runs/cpen455/metrics.jsonl --out docs/cpen455_curve.png
 
+Give a run and its resumed continuations in order to plot them as one curve: the time axis is
+the run's cumulative training time, which a resumed run carries on.
+
 Needs matplotlib (pip install matplotlib), which the project itself does not depend on.
 """
 import argparse
@@ -11,7 +14,7 @@ import sys
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("metrics")
+    parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, in training order")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     try:
@@ -20,8 +23,10 @@ def main():
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("plot_curves.py: error: needs matplotlib (pip install matplotlib)")
-    with open(args.metrics) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for path in args.metrics:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
     minutes = [r["seconds"] / 60 for r in rows]
     fig, bpd_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
     bpd_axis.plot(minutes, [r["train_bpd"] for r in rows], "o-", label="train bits/dim")
