@@ -64,7 +64,7 @@ DEFAULTS = {
     "seed": 0,
     "device": "auto",           # auto | cpu | cuda
     "amp": False,               # bf16 autocast (CUDA only)
-    "compile": False,           # torch.compile (1.5x on a CPU too, after minutes of warm-up; BENCHMARKS.md)
+    "compile": False,           # torch.compile (faster on CPUs too, after minutes of warm-up; BENCHMARKS.md)
     "channels_last": False,     # channels-last memory format (faster convolutions on CPUs; see BENCHMARKS.md)
     # schedule of evaluations, checkpoints and samples (in epochs)
     "out_dir": "checkpoints/demo",
