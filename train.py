@@ -561,6 +561,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{self.config['resume']}: cannot resume from it "
                                   f"({str(err).strip().splitlines()[0]})") from None
+        self.apply_new_schedule(state["config"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_bpd_sum, self.epoch_batches = state["epoch_bpd_sum"], state["epoch_batches"]
         self.elapsed_before = state["elapsed"]
@@ -574,6 +575,18 @@ class Trainer:
             set_rng_state(state["rng"])
         self.log(f"resumed from {self.config['resume']}: epoch {self.epoch}, batch {self.batch_in_epoch}, "
                  f"step {self.step}")
+
+    def apply_new_schedule(self, stored):
+        """A resumed run given another lr restarts the decay from it; another lr_decay decays at
+        that rate from here on. Without this the optimizer and scheduler states would silently
+        keep the old ones."""
+        c = self.config
+        if c["lr"] != stored.get("lr"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = c["lr"]
+            self.scheduler.base_lrs = [c["lr"]] * len(self.optimizer.param_groups)
+            self.log(f"lr restarts at {c['lr']} (was {stored.get('lr')} when the run began)")
+        self.scheduler.gamma = c["lr_decay"]
 
     def capture_rng(self):
         self.rng = rng_state()

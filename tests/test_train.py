@@ -175,6 +175,15 @@ def test_resume_cannot_change_the_model(tiny_data, tmp_path, capsys):
     assert "nr_filters" in capsys.readouterr().err
 
 
+def test_resume_with_a_new_lr_restarts_the_schedule(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--lr-decay", "0.5")) == 0
+    assert read_metrics(out)[-1]["lr"] == pytest.approx(0.002 * 0.5 ** 3)
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume", "--lr", "0.001",
+                           "--lr-decay", "0.9")) == 0
+    assert read_metrics(out)[-1]["lr"] == pytest.approx(0.001 * 0.9 ** 3)
+
+
 def test_max_time_ends_cleanly(tiny_data, tmp_path):
     out = tmp_path / "out"
     start = time.time()
