@@ -1,13 +1,15 @@
 """Zero-shot classification with a conditional PixelCNN++: Bayes' rule over the class likelihoods.
 
     python classify.py --checkpoint C --data-dir D [--split test] [--csv PATH] --out predictions.csv
-                       [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train]
+                       [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train] [--hflip]
                        [--logits out.npy] [--metrics-out metrics.json]
 
 D is a CPEN455-layout root (the files and labels come from D/<split>.csv, or from --csv PATH) or a
 plain folder of images (every image under it, recursively, in sorted order). Every image is scored
 under every label, log p(x|c) in nats, in one batched pass (EMA weights, inference mode, images
-resized to the model's image_size); the prediction is argmax_c log p(x|c) + log p(c).
+resized to the model's image_size); the prediction is argmax_c log p(x|c) + log p(c). With
+--hflip each image is also scored mirrored left-right, and the prediction, the CSV's log-likelihoods
+and --logits use the mean of the two log p(x|c) (bits/dim stays that of the image as given).
 
 The CSV (written atomically) has the header
     id,label,loglik_Class0,...,loglik_Class{K-1},posterior_Class0,...,posterior_Class{K-1}
@@ -109,9 +111,10 @@ def bits_per_dim_true_label(log_likelihoods, labels, image_shape):
 
 
 @torch.inference_mode()
-def score_images(model, images, num_classes, batch_size, device, progress=True):
+def score_images(model, images, num_classes, batch_size, device, progress=True, mirror=False):
     """log p(x|c) in nats, [N, K] float64, for `images`: uint8 [N, 3, H, W], or a list of file
-    paths (loaded batch by batch and resized to model.config['image_size'])."""
+    paths (loaded batch by batch and resized to model.config['image_size']); mirror: score each
+    image flipped left-right instead."""
     model.eval()
     n = len(images)
     image_size = model.config["image_size"]
@@ -124,7 +127,7 @@ def score_images(model, images, num_classes, batch_size, device, progress=True):
             batch = images[start:start + batch_size]
             if not torch.is_tensor(batch):
                 batch = load_images(batch, image_size, progress=False)
-            x = to_model_input(batch).to(device)
+            x = to_model_input(batch.flip(-1) if mirror else batch).to(device)
             out[start:start + len(batch)] = (
                 utils.class_log_likelihoods(model, x, num_classes).double().cpu().numpy())
             bar.update(len(batch))
@@ -218,6 +221,9 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--prior", choices=("uniform", "train"), default="uniform",
                    help="p(c): uniform, or the label frequencies of <data-dir>/train.csv")
+    p.add_argument("--hflip", action="store_true",
+                   help="also score each image mirrored left-right and classify by the mean of the "
+                        "two log-likelihoods (twice the time)")
     p.add_argument("--logits", default=None, help="also save log p(x|c) [N, K] (nats) as .npy")
     p.add_argument("--metrics-out", default=None, help="save the metrics (labelled inputs) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -255,8 +261,13 @@ def run(args):
     start = time.perf_counter()
     loglik = score_images(model, paths, num_classes, args.batch_size, device,
                           progress=not args.no_progress)
+    scores = loglik
+    if args.hflip:
+        mirrored = score_images(model, paths, num_classes, args.batch_size, device,
+                                progress=not args.no_progress, mirror=True)
+        scores = (loglik + mirrored) / 2
     elapsed = time.perf_counter() - start
-    predictions, posteriors = predict(loglik, log_prior)
+    predictions, posteriors = predict(scores, log_prior)
 
     metrics = None
     if labels.size and (labels >= 0).all():
@@ -265,6 +276,7 @@ def run(args):
         metrics["bits_per_dim"] = bits_per_dim_true_label(loglik, labels, (3, size, size))
         metrics["class_names"] = [class_name(c) for c in range(num_classes)]
         metrics["prior"] = args.prior
+        metrics["hflip"] = args.hflip
         metrics["checkpoint"] = args.checkpoint
         metrics["source"] = source
         print(format_metrics(metrics))
@@ -274,9 +286,9 @@ def run(args):
     if metrics is None and args.metrics_out is not None:
         print(f"no metrics (the labels are unknown); {args.metrics_out} not written")
 
-    text = csv_text(ids, predictions, loglik, posteriors)
+    text = csv_text(ids, predictions, scores, posteriors)
     if args.logits is not None:
-        atomic_write(args.logits, lambda f: np.save(f, loglik))
+        atomic_write(args.logits, lambda f: np.save(f, scores))
     if args.metrics_out is not None and metrics is not None:
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     atomic_write(args.out, lambda f: f.write(text.encode()))

@@ -51,6 +51,7 @@ DEFAULTS = {
     "val_split": "val",         # <data_dir>/<val_split>.csv if it exists, else carve val_fraction
     "val_fraction": 0.1,
     "num_workers": 0,
+    "hflip": False,             # mirror each training image left-right with probability 1/2
     # optimisation
     "epochs": 8,
     "batch_size": 32,           # per process
@@ -85,7 +86,7 @@ INT_KEYS = {"nr_resnet", "nr_filters", "nr_logistic_mix", "num_classes", "embedd
             "num_workers", "epochs", "batch_size", "cls_batch_size", "eval_batch_size", "seed", "eval_every",
             "save_every", "sample_every", "samples_per_class"}
 FLOAT_KEYS = {"dropout", "val_fraction", "lr", "lr_decay", "grad_clip", "ema_decay", "cls_loss_weight"}
-BOOL_KEYS = {"make_demo_data", "amp", "compile", "channels_last", "overwrite"}
+BOOL_KEYS = {"make_demo_data", "hflip", "amp", "compile", "channels_last", "overwrite"}
 STR_KEYS = {"block_conditioning", "data_dir", "train_split", "val_split", "device", "out_dir",
             "best_metric", "wandb", "wandb_project", "max_time", "resume"}
 NULLABLE = {"grad_clip", "val_split", "max_time", "resume"}
@@ -390,6 +391,12 @@ class Stop(Exception):
         self.code = code
 
 
+def random_hflip(x, seed):
+    """Mirror each image of [B, C, H, W] left-right with probability 1/2, drawn from `seed`."""
+    flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5  # [B]
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
 def training_loss(net, x, y, num_classes, cls_loss_weight, cls_batch_size=0):
     """-> (loss, mean bits/dim under the true labels). The loss is that bits/dim, plus
     cls_loss_weight x the cross-entropy of the label posterior of the first cls_batch_size images
@@ -620,6 +627,10 @@ class Trainer:
         """One optimisation step; -> the batch's mean bits/dim (all-reduced); may raise Stop."""
         c = self.config
         K = c["num_classes"]
+        if c["hflip"]:
+            # Seeded by (seed, step, rank) rather than the global RNG: a resumed run flips the same images.
+            seed = np.random.SeedSequence([c["seed"], self.step, self.rank]).generate_state(1)[0]
+            x = random_hflip(x, int(seed))
         if c["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():

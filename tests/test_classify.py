@@ -1,6 +1,7 @@
 """classify.py: CSV shape and order on both input kinds, metrics against numbers computed by hand,
 the prior, and every bad input (exit code 2, one stderr line, no CSV left)."""
 import csv
+import json
 import math
 import os
 import subprocess
@@ -165,7 +166,6 @@ def test_cpen455_layout_csv_and_metrics_by_hand(trained, cpen_root, tmp_path, ca
         f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
     bpd = np.mean([-logits[i, true[i]] for i in range(n)]) / (3 * SIZE * SIZE * math.log(2))
 
-    import json
     metrics = json.loads(metrics_path.read_text())
     assert metrics["confusion_matrix"] == cm
     assert metrics["n"] == n
@@ -248,6 +248,28 @@ def test_train_prior(trained, cpen_root, tmp_path, capsys):
     finite = softmax(logits[:, :2] + log_prior[:2])
     np.testing.assert_allclose(post_t[:, :2], finite, rtol=1e-4, atol=1e-6)
     assert (post_t[:, 2] == 0).all()
+
+
+def test_hflip_classifies_by_the_mean_of_the_image_and_its_mirror(trained, cpen_root, tmp_path, capsys):
+    ckpt, model = trained
+    out, logits_path, metrics_path = tmp_path / "pred.csv", tmp_path / "ll.npy", tmp_path / "m.json"
+    rc, _, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val",
+                          "--out", out, "--logits", logits_path, "--metrics-out", metrics_path, "--hflip")
+    assert rc == 0, err
+    _, rows = read_csv(out)
+    images = to_model_input(load_images([str(cpen_root / r[0]) for r in rows], SIZE))
+    with torch.no_grad():
+        as_given = utils.class_log_likelihoods(model, images, K).double().numpy()
+        mirrored = utils.class_log_likelihoods(model, images.flip(-1), K).double().numpy()
+    assert np.abs(as_given - mirrored).max() > 1e-3  # the noisy images are not symmetric
+    scores = np.load(logits_path)
+    np.testing.assert_allclose(scores, (as_given + mirrored) / 2, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal([int(r[1]) for r in rows], scores.argmax(axis=1))
+    true = np.array([int(l.split(",")[1]) for l in (cpen_root / "val.csv").read_text().split()])
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["hflip"] is True
+    bpd = -as_given[np.arange(len(true)), true].mean() / (3 * SIZE * SIZE * math.log(2))
+    assert metrics["bits_per_dim"] == pytest.approx(bpd, rel=1e-5)  # of the images as given
 
 
 def test_pure_metrics_functions():

@@ -302,3 +302,26 @@ def test_hybrid_loss_on_a_sub_batch_matches_scoring_every_label():
             assert torch.allclose(got_bpd, bpd, rtol=1e-5)
             assert torch.allclose(loss.double(), bpd.double() + 0.5 * ce, rtol=1e-5)
         assert torch.allclose(train.training_loss(net, x, y, 3, 0.0)[0], bpd, rtol=1e-5)
+
+
+def test_random_hflip_mirrors_about_half_the_batch_reproducibly():
+    x = torch.randn(200, 3, 4, 4)
+    out = train.random_hflip(x, seed=7)
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(m != k for m, k in zip(mirrored, kept))  # each image is one or the other
+    assert 70 < sum(mirrored) < 130
+    assert torch.equal(out, train.random_hflip(x, seed=7))
+    assert not torch.equal(out, train.random_hflip(x, seed=8))
+
+
+def test_hflip_changes_training_and_resumes_exactly(tiny_data, tmp_path):
+    a, b, plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
+    assert train.main(args(tiny_data, a, "--epochs", "2", "--hflip")) == 0
+    assert train.main(args(tiny_data, b, "--epochs", "1", "--hflip")) == 0
+    assert train.main(args(tiny_data, b, "--epochs", "2", "--resume")) == 0  # hflip comes from the checkpoint
+    assert train.main(args(tiny_data, plain, "--epochs", "2")) == 0
+    sa, sb, sp = (torch.load(d / "last.pt", weights_only=True) for d in (a, b, plain))
+    assert sb["config"]["hflip"] is True
+    assert_same_tensors(sa["model"], sb["model"], "model")
+    assert any(not torch.equal(sa["model"][k], sp["model"][k]) for k in sa["model"])  # flips mattered
