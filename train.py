@@ -628,7 +628,8 @@ class Trainer:
         c = self.config
         K = c["num_classes"]
         if c["hflip"]:
-            # Seeded by (seed, step, rank) rather than the global RNG: a resumed run flips the same images.
+            # Its own generator, seeded by (seed, step, rank): the dropout stream stays as without
+            # flips, and a resumed run flips the same images.
             seed = np.random.SeedSequence([c["seed"], self.step, self.rank]).generate_state(1)[0]
             x = random_hflip(x, int(seed))
         if c["channels_last"]:
