@@ -15,7 +15,7 @@ Each step costs the same whatever the row, and no value is computed twice.
 import torch
 import torch.nn.functional as F
 
-from layers import WeightNorm, concat_elu
+from layers import WeightNorm, concat_elu, elu
 from model import NUM_RESOLUTIONS
 from utils import sample_from_discretized_mix_logistic
 
@@ -173,7 +173,7 @@ class IncrementalPixelCNN:
             if level > 0:  # this position feeds a 2x2 block of the finer grid
                 up = m.upsize_ul[down](self.read(previous, region))
                 self.write(f"upsize_ul{level}", level - 1, (2 * a, 2 * a + 2, 2 * b, 2 * b + 2), up)
-        return self.nin(m.out, F.elu(self.read(previous, (i, i + 1, j, j + 1))))
+        return self.nin(m.out, elu(self.read(previous, (i, i + 1, j, j + 1))))
 
     def set_pixel(self, i, j, value):
         """Write pixel (i, j)'s RGB value [B, 3, 1, 1] into the input."""

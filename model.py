@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import (BLOCK_CONDITIONING, NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d,
-                    DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, right_shift)
+                    DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, elu, right_shift)
 
 MODEL_DEFAULTS = {
     "nr_resnet": 5,
@@ -140,7 +140,7 @@ class PixelCNNpp(nn.Module):
                 ul = self.upsize_ul[level](ul)
         assert not u_list and not ul_list, "every up-pass activation feeds exactly one skip"
 
-        return self.out(F.elu(ul))  # [B, 10 * M, H, W]
+        return self.out(elu(ul))  # [B, 10 * M, H, W]
 
 
 def build_model(config):

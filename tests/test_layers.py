@@ -1,8 +1,12 @@
 """Building blocks: weight norm, shifted convolutions, the gated resnet."""
 import torch
 
+import pytest
+import torch.nn.functional as F
+
 from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
-                    DownShiftedDeconv2d, GatedResnet, WNConv2d, concat_elu, data_dependent_init)
+                    DownShiftedDeconv2d, GatedResnet, WNConv2d, WNConvTranspose2d, concat_elu,
+                    data_dependent_init, dropout, elu)
 from model import build_model
 
 
@@ -12,6 +16,16 @@ def test_weight_norm_is_g_times_unit_direction():
     assert torch.allclose(w.flatten(1).norm(dim=1), conv.g)
     conv.g.data.fill_(2.0)
     assert torch.allclose(conv.weight().flatten(1).norm(dim=1), torch.full((5,), 2.0))
+
+
+def test_weight_norm_matches_the_formula_for_convs_and_deconvs():
+    for layer in (WNConv2d(3, 5, (2, 3)), WNConvTranspose2d(4, 6, (2, 2)), NIN(3, 7)):
+        layer.g.data.uniform_(0.5, 2.0)
+        v, g, out_dim = layer.v.double(), layer.g.double(), layer.out_dim
+        dims = [d for d in range(v.dim()) if d != out_dim]
+        shape = [-1 if d == out_dim else 1 for d in range(v.dim())]
+        expected = g.view(shape) * v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        assert torch.allclose(layer.weight().double(), expected, atol=1e-6)
 
 
 def test_data_dependent_init_normalises_outputs():
@@ -49,6 +63,48 @@ def test_deconvs_double_the_size_and_stay_shifted():
     assert DownRightShiftedDeconv2d(4, 2)(x).shape == (1, 2, 6, 6)
     grad = influence_of_inputs(DownRightShiftedDeconv2d(2, 2), (1, 2, 3, 3), 2, 2)
     assert grad[2:].sum() == 0 and grad[:, 2:].sum() == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_concat_elu_is_elu_of_x_and_minus_x_with_its_gradient(channels_last):
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64) * 3
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1e-12, -1e-12])  # the kink and its neighbours
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = concat_elu(x)
+    assert torch.allclose(out, F.elu(torch.cat([x, -x], dim=1)), rtol=1e-12, atol=1e-15)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.autograd.gradcheck(concat_elu, (x,))
+    assert torch.allclose(elu(x), F.elu(x), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(elu, (x,))
+
+
+def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
+    x = torch.ones(8, 16, 32, 32)
+    torch.manual_seed(0)
+    out = dropout(x, 0.3, training=True)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005       # 131,072 draws: 0.0013 std
+    assert torch.allclose(out[kept], torch.tensor(1 / 0.7), rtol=1e-4)  # p on a 2^-16 grid
+    assert abs(out.mean().item() - 1.0) < 0.01                 # unbiased
+    # Neighbours (which share one 64-bit draw) are independent, and no channel or row is favoured.
+    pairs = kept.flatten()[:-1:2].float(), kept.flatten()[1::2].float()
+    assert abs((pairs[0] * pairs[1]).mean().item() - 0.49) < 0.01
+    assert kept.float().mean(dim=(0, 2, 3)).sub(0.7).abs().max() < 0.03
+    # The global generator draws the mask: a seed reproduces it; eval mode and p = 0 change nothing.
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.3, training=True), out)
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+def test_dropout_follows_the_memory_layout_and_the_gradient_uses_the_same_mask():
+    x = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = dropout(x, 0.5, training=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    assert torch.equal(x.grad != 0, out != 0)
+    assert torch.allclose(x.grad[x.grad != 0], torch.tensor(2.0))
 
 
 def test_concat_elu_and_nin_shapes():
