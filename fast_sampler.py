@@ -76,8 +76,8 @@ class IncrementalPixelCNN:
         """A gated resnet block on `region`: reads `source` and the skips, writes `name`."""
         mid = self.conv(block.conv_in, source, region, pre=concat_elu)
         if block.skip is not None:
-            skip = torch.cat([self.read(s, region) for s in skip_sources], dim=1)
-            mid = mid + self.nin(block.skip, concat_elu(skip))
+            skip = [self.read(s, region) for s in skip_sources]
+            mid = mid + self.nin(block.skip, concat_elu(*skip))
         self.write(name + "/mid", level, region, mid)
         gate = block.condition(self.conv(block.conv_out, name + "/mid", region, pre=concat_elu), self.labels)
         a, b = gate.chunk(2, dim=1)

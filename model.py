@@ -134,7 +134,7 @@ class PixelCNNpp(nn.Module):
         for level in range(NUM_RESOLUTIONS):
             for u_block, ul_block in zip(self.down_u[level], self.down_ul[level]):
                 u = u_block(u, u_list.pop(), labels=labels)
-                ul = ul_block(ul, torch.cat([u, ul_list.pop()], dim=1), labels=labels)
+                ul = ul_block(ul, u, ul_list.pop(), labels=labels)  # skip: [u, ul from the up pass]
             if level < NUM_RESOLUTIONS - 1:
                 u = self.upsize_u[level](u)      # [B, F, 2H, 2W]
                 ul = self.upsize_ul[level](ul)

@@ -31,7 +31,7 @@ from fast_sampler import generate_fast
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model, validate_model_config
 from utils import (CheckpointError, bits_per_dim, class_log_likelihoods, discretized_mix_logistic_nll,
-                   load_checkpoint, log_posterior, save_checkpoint, seed_everything)
+                   load_checkpoint, log_posterior, native_bf16, save_checkpoint, seed_everything)
 
 # The embedded default: the demo setup (configs/demo.yaml holds the same values).
 DEFAULTS = {
@@ -64,7 +64,7 @@ DEFAULTS = {
     "cls_batch_size": 0,        # images per batch scored under every label for it (0: all)
     "seed": 0,
     "device": "auto",           # auto | cpu | cuda
-    "amp": False,               # bf16 autocast (CUDA only)
+    "amp": False,               # bf16 autocast, where the device has native bf16 (CUDA; AVX512-BF16 or AMX CPUs)
     "compile": False,           # torch.compile (faster on CPUs too, after minutes of warm-up; BENCHMARKS.md)
     "channels_last": False,     # channels-last memory format (faster convolutions on CPUs; see BENCHMARKS.md)
     # schedule of evaluations, checkpoints and samples (in epochs)
@@ -479,7 +479,10 @@ class Trainer:
                 self.net, device_ids=[self.local_rank] if cuda else None)
         if c["compile"]:
             self.net = torch.compile(self.net)
-        amp = c["amp"] and cuda
+        amp = c["amp"] and native_bf16(self.device)
+        if c["amp"] and not amp:
+            self.log(f"amp: {self.device.type} has no native bf16 (on CPUs: AVX512-BF16 or AMX); "
+                     f"training in float32")
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {n_params:,} parameters; data: {description}; device: {self.device}"

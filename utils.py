@@ -213,6 +213,18 @@ def resolve_device(name):
         raise UsageError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
 
 
+def native_bf16(device):
+    """Whether `device` computes in bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16
+    or AMX. (oneDNN emulates bf16 on other AVX-512 CPUs, more slowly than float32.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

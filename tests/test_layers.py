@@ -76,6 +76,8 @@ def test_concat_elu_is_elu_of_x_and_minus_x_with_its_gradient(channels_last):
     assert torch.allclose(out, F.elu(torch.cat([x, -x], dim=1)), rtol=1e-12, atol=1e-15)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert torch.autograd.gradcheck(concat_elu, (x,))
+    assert torch.autograd.gradcheck(lambda a: concat_elu(a[:, :1], a[:, 1:]), (x,))
+    assert torch.equal(concat_elu(x[:, :1], x[:, 1:]), concat_elu(x))
     assert torch.allclose(elu(x), F.elu(x), rtol=1e-12, atol=1e-15)
     assert torch.autograd.gradcheck(elu, (x,))
 
@@ -122,3 +124,7 @@ def test_gated_resnet_uses_skip_and_label():
     assert out.shape == x.shape
     assert not torch.allclose(out, block(x, skip, labels=torch.tensor([2, 2])))
     assert not torch.allclose(out, block(x, torch.zeros_like(skip), labels=torch.tensor([0, 1])))
+    # A skip given in parts is their concatenation on channels.
+    two = GatedResnet(4, DownShiftedConv2d, skip_channels=6)
+    a, b = torch.randn(2, 2, 6, 6), torch.randn(2, 4, 6, 6)
+    assert torch.allclose(two(x, a, b), two(x, torch.cat([a, b], dim=1)), atol=1e-6)
