@@ -348,9 +348,10 @@ def ema_multi_avg_fn(decay):
 # --------------------------------------------------------------------------------------------
 # Evaluation and sampling
 
-@torch.no_grad()
-def evaluate(model, data, config, device, autocast, show_progress):
-    """-> (mean bits/dim under the true label, accuracy of argmax_c log p(x|c) or None)."""
+@torch.inference_mode()
+def evaluate(model, data, config, device, show_progress):
+    """-> (mean bits/dim under the true label, accuracy of argmax_c log p(x|c) or None), in float32
+    even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips predictions."""
     model.eval()
     K, bs = config["num_classes"], config["eval_batch_size"]
     nll_sum, correct, n = 0.0, 0, 0
@@ -359,14 +360,15 @@ def evaluate(model, data, config, device, autocast, show_progress):
         batches = tqdm(batches, desc="eval", unit="batch", leave=False)
     for start in batches:
         x = dataset.to_model_input(data.images[start:start + bs]).to(device)
+        if config["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = data.labels[start:start + bs].to(device)
-        with autocast():
-            if K:
-                ll = class_log_likelihoods(model, x, K)  # [B, K]
-                nll = -ll.gather(1, y[:, None]).squeeze(1)
-                correct += int((ll.argmax(dim=1) == y).sum())
-            else:
-                nll = discretized_mix_logistic_nll(x, model(x, None))
+        if K:
+            ll = class_log_likelihoods(model, x, K)  # [B, K]
+            nll = -ll.gather(1, y[:, None]).squeeze(1)
+            correct += int((ll.argmax(dim=1) == y).sum())
+        else:
+            nll = discretized_mix_logistic_nll(x, model(x, None))
         nll_sum += float(nll.double().sum())
         n += x.shape[0]
     bpd = bits_per_dim(torch.tensor(nll_sum / n, dtype=torch.float64), data.images.shape[1:]).item()
@@ -760,7 +762,7 @@ class Trainer:
             val_bpd = val_acc = None
             if self.val_data is not None:
                 val_bpd, val_acc = evaluate(self.ema.module, self.val_data, c, self.device,
-                                            self.autocast, show_progress=True)
+                                            show_progress=True)
             metrics = {"epoch": self.epoch, "step": self.step, "train_bpd": train_bpd,
                        "val_bpd": val_bpd, "val_acc": val_acc,
                        "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.elapsed(), 2)}

@@ -138,7 +138,7 @@ def test_checkpoint_round_trips_bit_for_bit_in_a_fresh_process(tmp_path):
     save_checkpoint(tmp_path / "model.pt", {"model": model.state_dict(), "ema": None,
                                             "config": TINY, "epoch": 1, "step": 10})
     script = (
-        "import sys, torch; sys.path.insert(0, '.');"
+        "import sys, torch; sys.path.insert(0, '.'); torch.set_num_threads(1);"  # as this process
         "from utils import load_checkpoint, model_from_checkpoint;"
         f"d = '{tmp_path}';"
         "m = model_from_checkpoint(load_checkpoint(d + '/model.pt'));"
