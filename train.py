@@ -348,7 +348,7 @@ def ema_multi_avg_fn(decay):
 # --------------------------------------------------------------------------------------------
 # Evaluation and sampling
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate(model, data, config, device, show_progress):
     """-> (mean bits/dim under the true label, accuracy of argmax_c log p(x|c) or None), in float32
     even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips predictions."""
