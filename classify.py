@@ -114,9 +114,8 @@ def bits_per_dim_true_label(log_likelihoods, labels, image_shape):
 def score_images(model, images, num_classes, batch_size, device, progress=True, mirror=False):
     """log p(x|c) in nats, [N, K] float64, for `images`: uint8 [N, 3, H, W], or a list of file
     paths (loaded batch by batch and resized to model.config['image_size']); mirror: score each
-    image flipped left-right instead. Puts the model in channels-last memory format (the faster
-    one for these convolutions on CPUs, 1.3-1.7x here; BENCHMARKS.md)."""
-    model.eval().to(memory_format=torch.channels_last)
+    image flipped left-right instead."""
+    model.eval()
     n = len(images)
     image_size = model.config["image_size"]
     out = np.empty((n, num_classes), dtype=np.float64)
@@ -129,7 +128,6 @@ def score_images(model, images, num_classes, batch_size, device, progress=True, 
             if not torch.is_tensor(batch):
                 batch = load_images(batch, image_size, progress=False)
             x = to_model_input(batch.flip(-1) if mirror else batch).to(device)
-            x = x.contiguous(memory_format=torch.channels_last)
             out[start:start + len(batch)] = (
                 utils.class_log_likelihoods(model, x, num_classes).double().cpu().numpy())
             bar.update(len(batch))
@@ -218,9 +216,8 @@ def build_parser():
                    help="take the files (and labels) from this CSV instead of <data-dir>/<split>.csv; "
                         "ids are relative to --data-dir")
     p.add_argument("--out", required=True, help="the predictions CSV to write")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="images per forward pass, each scored under all K labels (default: 8 on a CPU, "
-                        "where smaller batches run faster, 64 on a GPU)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="images per forward pass (each is scored under all K labels: K x this)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--prior", choices=("uniform", "train"), default="uniform",
                    help="p(c): uniform, or the label frequencies of <data-dir>/train.csv")
@@ -234,15 +231,13 @@ def build_parser():
 
 
 def run(args):
-    if args.batch_size is not None and args.batch_size < 1:
+    if args.batch_size < 1:
         raise utils.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for option, path in (("--out", args.out), ("--logits", args.logits),
                          ("--metrics-out", args.metrics_out)):
         if path is not None and os.path.isdir(path):
             raise utils.UsageError(f"{option} {path} is a directory; give a file name")
     device = utils.resolve_device(args.device)
-    if args.batch_size is None:
-        args.batch_size = 64 if device.type == "cuda" else 8
     model = utils.load_model(args.checkpoint, device)
     num_classes = model.config["num_classes"]
     if num_classes < 1:
@@ -313,4 +308,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    utils.reuse_freed_memory()  # faster on CPUs: see utils
     sys.exit(main())

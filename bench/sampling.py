@@ -2,6 +2,10 @@
 
     python bench/sampling.py [--configs configs/demo.yaml configs/cpen455.yaml] [--batches 1 16 64]
                              [--naive-budget 60] [--device cpu]
+    python bench/sampling.py --ref 8bd68d5 [--rounds 3] [--configs ...] [--batches ...]
+
+With --ref, it times only the cached sampler, of this checkout and of commit REF (checked out into a
+temporary worktree), in turn, in fresh processes, and prints the median of the rounds and the ratio.
 
 Timings use random weights (the cost does not depend on them). The naive sampler runs one full
 forward pass per pixel, so every pixel costs the same: where a full naive sample would take longer
@@ -9,16 +13,17 @@ than --naive-budget seconds, it is timed on its first rows only and scaled by th
 pixels (the table says so). The fast sampler always generates whole images.
 """
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MODEL_DEFAULTS, build_model  # noqa: E402
-from sample import generate  # noqa: E402
+from train_throughput import ROOT, worktree
 
 
 class StopAfter:
@@ -43,6 +48,7 @@ def sync(device):
 
 def time_sampler(model, labels, sampler, pixels, device):
     """Seconds to sample `pixels` pixels (all of them if None) of a batch."""
+    from sample import generate  # from the code under test (see --code)
     sync(device)
     start = time.perf_counter()
     try:
@@ -54,10 +60,36 @@ def time_sampler(model, labels, sampler, pixels, device):
     return time.perf_counter() - start
 
 
-def model_config(path):
+def model_and_labels(path, batch, device):
+    """A model of the config at `path` (random weights, seed 0) and `batch` labels cycling over its classes."""
+    from model import MODEL_DEFAULTS, build_model  # from the code under test (see --code)
     with open(path) as f:
-        config = yaml.safe_load(f)
-    return {k: v for k, v in config.items() if k in MODEL_DEFAULTS}
+        config = {k: v for k, v in yaml.safe_load(f).items() if k in MODEL_DEFAULTS}
+    torch.manual_seed(0)
+    model = build_model(config).to(device).eval()
+    num_classes = config.get("num_classes", MODEL_DEFAULTS["num_classes"])
+    labels = torch.arange(batch, device=device) % num_classes if num_classes else None
+    return model, labels
+
+
+def fast_against_ref(args):
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
+          f"cached sampler, seconds per batch, {args.rounds} rounds")
+    print(f"| config | batch | this checkout | {args.ref} | {args.ref} / this |")
+    print("|---|---|---|---|---|")
+    with worktree(args.ref) as ref_code:
+        for path in args.configs:
+            for batch in args.batches:
+                seconds = {ROOT: [], ref_code: []}
+                for _ in range(args.rounds):
+                    for code in seconds:
+                        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--code", code,
+                                              "--one", os.path.join(ROOT, path), str(batch), "--device", args.device],
+                                             capture_output=True, text=True, check=True)
+                        seconds[code].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                this, ref = (statistics.median(v) for v in seconds.values())
+                print(f"| {os.path.basename(path)} | {batch} | {this:.2f} | {ref:.2f} | {ref / this:.2f}x |",
+                      flush=True)
 
 
 def main():
@@ -66,20 +98,30 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--naive-budget", type=float, default=60.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ref", default=None, help="time the cached sampler against this git commit's")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)  # the code to time
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: config, batch -> seconds
     args = parser.parse_args()
+    sys.path.insert(0, args.code)
     device = torch.device(args.device)
+    if args.one:
+        import utils  # from the code under test
+        getattr(utils, "reuse_freed_memory", lambda: None)()  # as sample.py does, where the code has it
+        model, labels = model_and_labels(args.one[0], int(args.one[1]), device)
+        print(json.dumps(time_sampler(model, labels, "fast", None, device)))
+        return
+    if args.ref:
+        fast_against_ref(args)
+        return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print("| config | batch | naive s/image-batch | fast s/image-batch | naive/fast | naive timed on |")
     print("|---|---|---|---|---|---|")
     for path in args.configs:
-        torch.manual_seed(0)
-        config = model_config(path)
-        model = build_model(config).to(device).eval()
-        size = config.get("image_size", MODEL_DEFAULTS["image_size"])
-        pixels = size * size
         for batch in args.batches:
-            labels = (torch.arange(batch, device=device) % config["num_classes"]
-                      if config.get("num_classes", MODEL_DEFAULTS["num_classes"]) else None)
+            model, labels = model_and_labels(path, batch, device)
+            size = model.config["image_size"]
+            pixels = size * size
             fast = time_sampler(model, labels, "fast", None, device)
             one_row = time_sampler(model, labels, "naive", size, device)
             if one_row * size <= args.naive_budget:

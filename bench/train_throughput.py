@@ -1,102 +1,215 @@
-"""Training throughput (images/s) and peak memory at a config, fp32 eager against faster paths.
+"""Training throughput of each speed option, in img/s, GFLOP/s and as a fraction of this machine's
+matrix-multiply rate, optionally against the code of an earlier commit, all in one run.
 
-    python bench/train_throughput.py [--config configs/cpen455.yaml] [--steps 5] [--batch-size 32]
-                                     [--variants eager channels_last compile compile+channels_last]
-                                     [--device cpu]
+    python bench/train_throughput.py [--configs configs/cpen455.yaml 'configs/seed.yaml:nr_filters=40,nr_resnet=1']
+                                     [--variants fp32 channels_last bf16 bf16+channels_last]
+                                     [--ref 8bd68d5] [--rounds 3] [--steps 5] [--batch-size N] [--device cpu]
 
-Each variant runs in a fresh process (so that peak memory is its own) and times `--steps` full
-training steps (forward over the K-fold batch, the config's loss, backward, Adam) after two warm-up
-steps, on random images. Peak memory is the process's peak RSS on a CPU and
-torch.cuda.max_memory_allocated on a GPU. On CUDA the eager variant uses bf16 autocast if the
-config has amp: true.
+A config is a YAML file, optionally followed by ':key=value,...' overrides. A variant is a '+'-joined
+set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays float32), compile
+(torch.compile). `--ref REF` adds rows for the code at git commit REF (checked out into a temporary
+worktree), fp32 and channels_last, so that a speed-up is a ratio measured in the same run.
+
+Each (variant, round) runs in a fresh process: build the model, two warm-up steps, then `--steps`
+full training steps (forward, the config's loss, backward, Adam) on random images. Rounds go
+variant by variant in turn (A B C A B C ...), so drift in the machine's speed spreads over all of
+them; the table gives each variant's median round. GFLOP/s counts the multiply-adds of
+convolutions and matrix products (torch.utils.flop_counter, 2 FLOPs each) of the step as the
+reference formulation defines it (explicitly padded convolutions), so that every variant, and the
+--ref code, is credited with the same work per image. The matrix-multiply rate is a 2048x2048
+torch.mm in float32 and in bfloat16, measured in this run on the same threads.
 """
 import argparse
+import contextlib
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MODEL_DEFAULTS, build_model  # noqa: E402
-from train import training_loss  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONS = ("fp32", "channels_last", "bf16", "compile")
 
 
-def measure(config, variant, steps, batch_size, device):
-    torch.manual_seed(0)
-    model = build_model({k: v for k, v in config.items() if k in MODEL_DEFAULTS}).to(device)
+def read_config(spec):
+    """'path.yaml[:key=value,...]' -> config dict (overrides parsed as YAML values)."""
+    path, _, overrides = spec.partition(":")
+    with open(os.path.join(ROOT, path) if not os.path.isabs(path) else path) as f:
+        config = yaml.safe_load(f)
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        config[key] = yaml.safe_load(value)
+    return config
+
+
+def matmul_rate(dtype, n=2048, repeats=10):
+    """GFLOP/s of an n x n torch.mm in `dtype` on this process's threads (best of three)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def step_function(model, config, variant, batch_size, device):
+    """A closure running one training step of `model` on a fixed random batch."""
+    from train import training_loss  # from the code under test (see --code)
     size, K = config["image_size"], config["num_classes"]
     x = torch.randint(0, 256, (batch_size, 3, size, size), device=device) / 127.5 - 1
-    y = torch.randint(0, K, (batch_size,), device=device)
+    y = torch.randint(0, max(K, 1), (batch_size,), device=device)
     if "channels_last" in variant:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     net = torch.compile(model) if "compile" in variant else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    amp = device.type == "cuda" and config.get("amp", False)
+    bf16 = "bf16" in variant
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = training_loss(net, x, y, K, config["cls_loss_weight"], config["cls_batch_size"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = training_loss(net, x, y, K, config.get("cls_loss_weight", 0.0),
+                                    config.get("cls_batch_size", 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return step
 
+
+def reference_flops(model, step):
+    """FLOPs of one step with every shifted convolution written as pad-then-convolve (the
+    reference formulation): this code convolves with the conv's own padding and crops, which
+    computes a few percent more outputs than it keeps."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import layers
+    import torch.nn.functional as F
+    shifted = [m for m in model.modules() if isinstance(m, getattr(layers, "ShiftedConv2d", ()))]
+    saved = [(m.forward, m.conv.padding) for m in shifted]
+    for m in shifted:
+        m.forward = lambda x, m=m: m.conv(F.pad(x, m.pad))
+        m.conv.padding = 0
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        for m, (forward, padding) in zip(shifted, saved):
+            m.forward, m.conv.padding = forward, padding
+    return counter.get_total_flops()
+
+
+def measure(config, variant, steps, batch_size, device):
+    import utils  # from the code under test (see --code)
+    from model import MODEL_DEFAULTS, build_model
+    getattr(utils, "reuse_freed_memory", lambda: None)()  # as train.py does, where the code has it
+    torch.manual_seed(0)
+    model = build_model({k: v for k, v in config.items() if k in MODEL_DEFAULTS}).to(device)
+    step = step_function(model, config, variant, batch_size, device)
     start = time.perf_counter()
     for _ in range(2):
         step()
     warmup = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"variant": variant, "images_per_s": steps * batch_size / seconds,
-            "peak_mb": peak_mb, "warmup_s": warmup}
+    flops = reference_flops(model, step_function(model, config, "fp32", batch_size, device))
+    return {"images_per_s": steps * batch_size / seconds, "gflop_per_image": flops / batch_size / 1e9,
+            "warmup_s": warmup}
+
+
+@contextlib.contextmanager
+def worktree(ref):
+    """The repository at commit `ref`, checked out into a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="bench-ref-") as parent:
+        path = os.path.join(parent, "code")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, ref], check=True,
+                       capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path], capture_output=True)
+
+
+def run_one(code, spec, variant, args):
+    command = [sys.executable, os.path.abspath(__file__), "--one", variant, "--code", code,
+               "--configs", spec, "--steps", str(args.steps), "--device", args.device]
+    if args.batch_size:
+        command += ["--batch-size", str(args.batch_size)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:100]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/cpen455.yaml")
+    parser.add_argument("--configs", nargs="+", default=["configs/cpen455.yaml"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "channels_last", "bf16", "bf16+channels_last"])
+    parser.add_argument("--ref", default=None, help="also time the code of this git commit")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--variants", nargs="+",
-                        default=["eager", "channels_last", "compile", "compile+channels_last"])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's batch_size")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: time one variant, print JSON
+    parser.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with open(args.config) as f:
-        config = {**MODEL_DEFAULTS, "cls_loss_weight": 0.0, "cls_batch_size": 0, **yaml.safe_load(f)}
+    for variant in args.variants + ([args.one] if args.one else []):
+        unknown = set(variant.split("+")) - set(OPTIONS)
+        if unknown:
+            parser.error(f"variant {variant!r}: unknown option {sorted(unknown)[0]!r}; options: {', '.join(OPTIONS)}")
+
     if args.one:
-        result = measure(config, args.one, args.steps, args.batch_size, torch.device(args.device))
+        sys.path.insert(0, args.code)
+        config = read_config(args.configs[0])
+        result = measure(config, args.one, args.steps, args.batch_size or config["batch_size"],
+                         torch.device(args.device))
         print(json.dumps(result))
         return
-    print(f"{args.config}, batch {args.batch_size}, cls_loss_weight {config['cls_loss_weight']}, "
-          f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| variant | images/s | vs eager | peak memory (MB) | warm-up s |")
-    print("|---|---|---|---|---|")
-    base = None
-    for variant in args.variants:
-        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
-                              "--batch-size", str(args.batch_size), "--device", args.device, "--one", variant],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"| {variant} | failed: {out.stderr.strip().splitlines()[-1][:100]} | | | |", flush=True)
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        base = base or r["images_per_s"]
-        print(f"| {variant} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
-              f"{r['peak_mb']:.0f} | {r['warmup_s']:.1f} |", flush=True)
+
+    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
+          f"2048x2048 torch.mm: {rates['fp32']:.0f} GFLOP/s in float32, {rates['bf16']:.0f} in bfloat16")
+    with contextlib.ExitStack() as stack:
+        rows = [(ROOT, variant, variant) for variant in args.variants]
+        if args.ref:
+            ref_code = stack.enter_context(worktree(args.ref))
+            rows = [(ref_code, v, f"{args.ref} {v}") for v in ("fp32", "channels_last")] + rows
+        for spec in args.configs:
+            config = read_config(spec)
+            model_keys = ", ".join(f"{k} {config[k]}" for k in ("nr_resnet", "nr_filters", "nr_logistic_mix"))
+            print(f"\n{spec} ({model_keys}), batch {args.batch_size or config['batch_size']}, "
+                  f"cls_loss_weight {config.get('cls_loss_weight', 0.0)}")
+            print("| code, variant | img/s | GFLOP/s | of the fp32 mm rate | of the bf16 mm rate | "
+                  "vs first row | warm-up s |")
+            print("|---|---|---|---|---|---|---|")
+            results = {label: [] for _, _, label in rows}
+            for _ in range(args.rounds):
+                for code, variant, label in rows:
+                    results[label].append(run_one(code, spec, variant, args))
+            first = None
+            for _, _, label in rows:
+                good = [r for r in results[label] if "error" not in r]
+                if not good:
+                    print(f"| {label} | failed: {results[label][0]['error']} | | | | | |")
+                    continue
+                speed = statistics.median(r["images_per_s"] for r in good)
+                gflops = speed * good[0]["gflop_per_image"]
+                first = first or speed
+                print(f"| {label} | {speed:.1f} | {gflops:.0f} | {gflops / rates['fp32']:.0%} | "
+                      f"{gflops / rates['bf16']:.0%} | {speed / first:.2f}x | "
+                      f"{statistics.median(r['warmup_s'] for r in good):.1f} |", flush=True)
+            print(f"GFLOP per image (training step): {good[0]['gflop_per_image']:.2f}")
 
 
 if __name__ == "__main__":
