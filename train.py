@@ -66,8 +66,8 @@ DEFAULTS = {
     "seed": 0,
     "device": "auto",           # auto | cpu | cuda
     "amp": False,               # bf16 autocast, where the device has native bf16 (CUDA; AVX512-BF16 or AMX CPUs)
-    "compile": False,           # torch.compile (faster on CPUs too, after minutes of warm-up; BENCHMARKS.md)
-    "channels_last": False,     # channels-last memory format (faster convolutions on CPUs; see BENCHMARKS.md)
+    "compile": False,           # torch.compile (minutes of warm-up; no faster on CPUs now: BENCHMARKS.md)
+    "channels_last": False,     # channels-last memory format (faster or slower by size: BENCHMARKS.md)
     # schedule of evaluations, checkpoints and samples (in epochs)
     "out_dir": "checkpoints/demo",
     "eval_every": 1,
