@@ -112,7 +112,7 @@ class ShiftedConv2d(nn.Module):
         self.conv = WNConv2d(in_channels, out_channels, kernel_size, stride, padding=(pad[2], max(pad[:2])))
 
     def forward(self, x):
-        out = self.conv(x)
+        out = self.conv(x)  # [B, C', H', W']: an extra row (and column) where it padded both sides
         H, W = [(n + self.conv.stride - 1) // self.conv.stride for n in x.shape[2:]]
         left = max(self.pad[:2]) - self.pad[0]
         return out[:, :, :H, left:left + W]

@@ -5,7 +5,6 @@ model(x, labels): x in [-1, 1], [B, 3, H, W]; labels [B] (None when num_classes 
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from layers import (BLOCK_CONDITIONING, NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d,
                     DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, elu, right_shift)

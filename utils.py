@@ -231,10 +231,10 @@ def reuse_freed_memory():
     """Let glibc's malloc keep freed memory for the next batch instead of returning it to the OS.
 
     By default glibc maps every block over 32 MB afresh and unmaps it when freed (and trims the
-    top of its heap), so each batch page-faults its activations back in: a third of classify.py's
-    time on a CPU (BENCHMARKS.md). The process's memory stays at its peak instead. -> whether it
-    applied (only on glibc; elsewhere it changes nothing). PyTorch's CPU tuning guide gets the same
-    effect by preloading jemalloc or tcmalloc.
+    top of its heap), so each batch page-faults its activations back in: about a quarter of
+    classify.py's time on a CPU (BENCHMARKS.md). The process's memory stays at its peak instead.
+    -> whether it applied (only on glibc; elsewhere it changes nothing). PyTorch's CPU tuning
+    guide gets the same effect by preloading jemalloc or tcmalloc.
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     try:
