@@ -19,8 +19,7 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import ROOT, worktree  # noqa: E402
+from reference import ROOT, worktree
 
 
 def classify(code, args, extra, logits):

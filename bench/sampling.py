@@ -23,7 +23,7 @@ import time
 import torch
 import yaml
 
-from train_throughput import ROOT, worktree
+from reference import ROOT, worktree
 
 
 class StopAfter:

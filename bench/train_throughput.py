@@ -26,13 +26,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from reference import ROOT, worktree
 OPTIONS = ("fp32", "channels_last", "bf16", "compile")
 
 
@@ -128,19 +127,6 @@ def measure(config, variant, steps, batch_size, device):
             "warmup_s": warmup}
 
 
-@contextlib.contextmanager
-def worktree(ref):
-    """The repository at commit `ref`, checked out into a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="bench-ref-") as parent:
-        path = os.path.join(parent, "code")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, ref], check=True,
-                       capture_output=True)
-        try:
-            yield path
-        finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path], capture_output=True)
-
-
 def run_one(code, spec, variant, args):
     command = [sys.executable, os.path.abspath(__file__), "--one", variant, "--code", code,
                "--configs", spec, "--steps", str(args.steps), "--device", args.device]
@@ -197,19 +183,21 @@ def main():
             for _ in range(args.rounds):
                 for code, variant, label in rows:
                     results[label].append(run_one(code, spec, variant, args))
-            first = None
+            first = gflop_per_image = None
             for _, _, label in rows:
                 good = [r for r in results[label] if "error" not in r]
                 if not good:
                     print(f"| {label} | failed: {results[label][0]['error']} | | | | | |")
                     continue
                 speed = statistics.median(r["images_per_s"] for r in good)
-                gflops = speed * good[0]["gflop_per_image"]
+                gflop_per_image = good[0]["gflop_per_image"]
+                gflops = speed * gflop_per_image
                 first = first or speed
                 print(f"| {label} | {speed:.1f} | {gflops:.0f} | {gflops / rates['fp32']:.0%} | "
                       f"{gflops / rates['bf16']:.0%} | {speed / first:.2f}x | "
                       f"{statistics.median(r['warmup_s'] for r in good):.1f} |", flush=True)
-            print(f"GFLOP per image (training step): {good[0]['gflop_per_image']:.2f}")
+            if gflop_per_image is not None:
+                print(f"GFLOP per image (training step): {gflop_per_image:.2f}")
 
 
 if __name__ == "__main__":
