@@ -20,12 +20,10 @@ accuracy, per-class accuracy, macro F1, the confusion matrix and bits/dim under 
 A user's mistake (missing or foreign checkpoint, corrupt image, empty folder, bad CSV, labels the
 model does not have) ends with one line on stderr and exit code 2, and leaves no output file.
 """
-import argparse
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -33,18 +31,13 @@ import torch
 from tqdm import tqdm
 
 import utils
+from checkpoint import atomic_write, load_model
+from config import ArgumentParser, UsageError, report, resolve_device, reuse_freed_memory
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, split_csv_path, to_model_input)
 
 PROG = "classify.py"
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # CSVs that mark a CPEN455 root
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gives one stderr line (and exit code 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +81,7 @@ def log_prior_from_labels(labels, num_classes):
     A class that never occurs gets log 0 = -inf: it is never predicted."""
     labels = np.asarray([l for l in labels if l >= 0], dtype=np.int64)
     if labels.size == 0:
-        raise utils.UsageError("no known labels to estimate the train prior from")
+        raise UsageError("no known labels to estimate the train prior from")
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
         return np.log(counts / counts.sum())
@@ -156,21 +149,6 @@ def find_inputs(data_dir, split, csv_path, num_classes):
     return items, item_paths(data_dir, None, items), None
 
 
-def atomic_write(path, write):
-    """Call write(file object) on a temp file next to `path`, then os.replace it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def csv_text(ids, predictions, log_likelihoods, posteriors):
     k = log_likelihoods.shape[1]
     header = (["id", "label"] + [f"loglik_{class_name(c)}" for c in range(k)]
@@ -206,7 +184,7 @@ def format_metrics(metrics):
 
 
 def build_parser():
-    p = OneLineParser(prog=PROG, description="Label images by Bayes' rule over a conditional "
+    p = ArgumentParser(prog=PROG, description="Label images by Bayes' rule over a conditional "
                       "PixelCNN++'s class likelihoods and write a CSV.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     p.add_argument("--data-dir", required=True,
@@ -232,16 +210,16 @@ def build_parser():
 
 def run(args):
     if args.batch_size < 1:
-        raise utils.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for option, path in (("--out", args.out), ("--logits", args.logits),
                          ("--metrics-out", args.metrics_out)):
         if path is not None and os.path.isdir(path):
-            raise utils.UsageError(f"{option} {path} is a directory; give a file name")
-    device = utils.resolve_device(args.device)
-    model = utils.load_model(args.checkpoint, device)
+            raise UsageError(f"{option} {path} is a directory; give a file name")
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
     num_classes = model.config["num_classes"]
     if num_classes < 1:
-        raise utils.UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
+        raise UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
 
     items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
     log_prior = None
@@ -301,12 +279,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (DataError, utils.CheckpointError, utils.UsageError) as err:
-        message = " ".join(str(err).split())  # exactly one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+    except UsageError as err:  # also DataError and CheckpointError
+        return report(PROG, err)
 
 
 if __name__ == "__main__":
-    utils.reuse_freed_memory()  # faster on CPUs: see utils
+    reuse_freed_memory()  # faster on CPUs: see config
     sys.exit(main())

@@ -6,7 +6,7 @@ Items are `(id, label)` pairs: `id` is the image's name exactly as its CSV (or f
 
 API
 ---
-DataError(Exception)                      one line that names the file (and CSV row) at fault
+DataError(config.UsageError)             one line that names the file (and CSV row) at fault
 class_name(k) -> str                      "Class{k}"
 IMAGE_EXTENSIONS                          (".jpg", ".jpeg", ".png", ".bmp", ".webp"), any case
 split_csv_path(root, split) -> str        root/<split>.csv
@@ -38,13 +38,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from config import UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEMO_CLASSES = ("disc", "stripes", "checker", "gradient_square")
 DEMO_MARKER = ".demo-params.json"
 PROGRESS_THRESHOLD = 500  # show a progress bar when loading at least this many images
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """Data that cannot be used; the message is one line naming the file (and row) at fault."""
 
 

@@ -25,7 +25,6 @@ images was such a case). pytorch-fid downloads its Inception weights on first us
 --fid-weights PATH (the file pt_inception-2015-12-05-6726825d.pth), or put that file in
 $TORCH_HOME/hub/checkpoints/.
 """
-import argparse
 import json
 import math
 import os
@@ -40,6 +39,8 @@ import torch
 from tqdm import tqdm
 
 import utils
+from checkpoint import CheckpointError, load_model
+from config import ArgumentParser, UsageError, report, resolve_device, reuse_freed_memory
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, split_csv_path)
 from fast_sampler import generate_fast
@@ -53,9 +54,6 @@ class FIDWeightsError(Exception):
     """The Inception weights for FID cannot be had; the message says how to supply them."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +204,7 @@ def inception_extractor(dims=2048, weights=None, device="cpu"):
 
     from pytorch_fid import inception as fid_inception
     if dims not in fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM:
-        raise utils.UsageError(f"--fid-dims must be one of {FID_DIMS}, got {dims}")
+        raise UsageError(f"--fid-dims must be one of {FID_DIMS}, got {dims}")
     path = inception_weights_path(weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -299,22 +297,22 @@ def compute_fid(gen_feats, gen_labels, ref_feats, ref_labels, dims=None):
 def parse_classes(text, num_classes):
     if num_classes == 0:
         if text is not None:
-            raise utils.UsageError("--classes: the model is unconditional (num_classes 0)")
+            raise UsageError("--classes: the model is unconditional (num_classes 0)")
         return [None]
     if text is None:
         return list(range(num_classes))
     try:
         classes = [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
-        raise utils.UsageError(f"--classes must be class indices like 0,2, got {text!r}") from None
+        raise UsageError(f"--classes must be class indices like 0,2, got {text!r}") from None
     bad = [k for k in classes if not 0 <= k < num_classes]
     if bad or not classes:
-        raise utils.UsageError(f"--classes {text!r}: the model has classes 0..{num_classes - 1}")
+        raise UsageError(f"--classes {text!r}: the model has classes 0..{num_classes - 1}")
     return sorted(set(classes), key=classes.index)
 
 
 def build_parser():
-    p = OneLineParser(prog=PROG, description="Draw images of each class from a conditional "
+    p = ArgumentParser(prog=PROG, description="Draw images of each class from a conditional "
                       "PixelCNN++ checkpoint, save grids and single PNGs, and optionally score FID.",
                       epilog="--fid-ref DIR is a folder of ClassK/ subfolders (FID per class and "
                       "pooled), a CPEN455-layout root with <fid-ref-split>.csv (per class from its "
@@ -347,15 +345,15 @@ def run(args, extractor=None):
     """The CLI's work. `extractor` replaces pytorch-fid's Inception (tests pass a tiny network)."""
     for option in ("n_per_class", "fid_batch_size"):
         if getattr(args, option) < 1:
-            raise utils.UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.batch_size is not None and args.batch_size < 1:
-        raise utils.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0:
-        raise utils.UsageError(f"--seed must be >= 0, got {args.seed}")
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise utils.UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
-    device = utils.resolve_device(args.device)
-    model = utils.load_model(args.checkpoint, device)
+        raise UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
     num_classes, size = model.config["num_classes"], model.config["image_size"]
     classes = parse_classes(args.classes, num_classes)
     batch_size = args.batch_size or args.n_per_class
@@ -424,12 +422,10 @@ def main(argv=None, extractor=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args, extractor)
-    except (DataError, utils.CheckpointError, utils.UsageError, FIDWeightsError) as err:
-        message = " ".join(str(err).split())  # exactly one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+    except (DataError, CheckpointError, UsageError, FIDWeightsError) as err:
+        return report(PROG, err)
 
 
 if __name__ == "__main__":
-    utils.reuse_freed_memory()  # faster on CPUs: see utils
+    reuse_freed_memory()  # faster on CPUs: see config
     sys.exit(main())

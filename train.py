@@ -30,9 +30,9 @@ import dataset
 from fast_sampler import generate_fast
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model, validate_model_config
-from utils import (CheckpointError, bits_per_dim, class_log_likelihoods, discretized_mix_logistic_nll,
-                   load_checkpoint, log_posterior, native_bf16, reuse_freed_memory, save_checkpoint,
-                   seed_everything)
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from config import native_bf16, reuse_freed_memory
+from utils import bits_per_dim, class_log_likelihoods, discretized_mix_logistic_nll, log_posterior
 
 # The embedded default: the demo setup (configs/demo.yaml holds the same values).
 DEFAULTS = {

@@ -1,32 +1,17 @@
-"""The discretized mixture of logistics, scoring under every label, checkpoints and seeding.
+"""The likelihood: the discretized mixture of logistics, bits/dim, scoring under every label,
+Bayes' rule. No I/O, and no import of the model: it takes any callable model(x, labels).
 
 Mixture parameters are [B, 10*M, H, W]: channels 0..M-1 are the mixture logits; the rest view as
 [B, 3 (mean, log-scale, coefficient), 3 (R, G, B), M, H, W]. The coefficients tie G's mean to R,
 and B's mean to R and G. Pixel values x are in [-1, 1] on the 256 levels k / 127.5 - 1.
 """
-import ctypes
-import ctypes.util
 import math
-import os
-import random
-import tempfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import MODEL_DEFAULTS, build_model
-
 LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 7.0
 HALF_BIN = 1.0 / 255.0  # half the width of one of the 256 levels on [-1, 1]
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that is missing, unreadable, or not one of ours."""
-
-
-class UsageError(Exception):
-    """A user's mistake on the command line (not about a data file or a checkpoint); one line."""
 
 
 def split_mixture_params(params):
@@ -143,110 +128,3 @@ def log_posterior(log_likelihoods, log_prior=None):
     if log_prior is not None:
         joint = joint + torch.as_tensor(log_prior, dtype=torch.float64, device=joint.device)
     return joint - torch.logsumexp(joint, dim=1, keepdim=True)
-
-
-def save_checkpoint(path, state):
-    """Write `state` (a dict of tensors and primitives) atomically: a temp file, then os.replace.
-
-    A crash or kill at any moment leaves either the old file or the new one, never a torn one.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint need not be
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True (it cannot run code) and check that it is ours."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for foreign or corrupt files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a loadable checkpoint of plain tensors and "
-                              f"primitives ({first_line})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
-    return state
-
-
-def model_from_checkpoint(state, weights="ema"):
-    """Rebuild the model stored in a checkpoint dict; `weights` is 'ema' (if present) or 'model'."""
-    model = build_model({k: v for k, v in state["config"].items() if k in MODEL_DEFAULTS})
-    key = "ema" if weights == "ema" and state.get("ema") is not None else "model"
-    model.load_state_dict(state[key])
-    return model.eval()
-
-
-def load_model(checkpoint, device):
-    """The EMA model of a train.py checkpoint, on `device`, in eval mode; CheckpointError otherwise."""
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    try:
-        model = model_from_checkpoint(state, weights="ema")
-    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
-                              f"describes ({reason})") from None
-    return model.to(device).eval()
-
-
-def resolve_device(name):
-    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N' -> torch.device; UsageError otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
-
-
-def native_bf16(device):
-    """Whether `device` computes in bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16
-    or AMX. (oneDNN emulates bf16 on other AVX-512 CPUs, more slowly than float32.)"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(cpu, name, lambda: False)() for name in checks)
-    return False
-
-
-def reuse_freed_memory():
-    """Let glibc's malloc keep freed memory for the next batch instead of returning it to the OS.
-
-    By default glibc maps every block over 32 MB afresh and unmaps it when freed (and trims the
-    top of its heap), so each batch page-faults its activations back in: about a quarter of
-    classify.py's time on a CPU (BENCHMARKS.md). The process's memory stays at its peak instead.
-    -> whether it applied (only on glibc; elsewhere it changes nothing). PyTorch's CPU tuning
-    guide gets the same effect by preloading jemalloc or tcmalloc.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-def seed_everything(seed):
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import classify
 import utils
+from checkpoint import save_checkpoint
 from dataset import load_images, to_model_input
 from model import build_model
 
@@ -53,7 +54,7 @@ def trained(tmp_path_factory):
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     raw = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ema.items()}
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-    utils.save_checkpoint(path, {"model": raw, "ema": ema, "config": dict(CONFIG), "epoch": 3, "step": 40})
+    save_checkpoint(path, {"model": raw, "ema": ema, "config": dict(CONFIG), "epoch": 3, "step": 40})
     return path, model
 
 
@@ -356,7 +357,7 @@ def test_bad_inputs_exit_2_one_line_no_csv(trained, cpen_root, tmp_path, capsys)
 def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
     path = tmp_path / "uncond.pt"
     model = build_model({**CONFIG, "num_classes": 0})
-    utils.save_checkpoint(str(path), {"model": model.state_dict(), "ema": None,
+    save_checkpoint(str(path), {"model": model.state_dict(), "ema": None,
                                       "config": {**CONFIG, "num_classes": 0}, "epoch": 0, "step": 0})
     rc, _, err = run_main(capsys, "--checkpoint", path, "--data-dir", cpen_root, "--out", tmp_path / "p.csv")
     assert rc == 2 and "unconditional" in err and len(err.strip().splitlines()) == 1
@@ -401,7 +402,7 @@ def test_real_cpen455_subset(tmp_path, capsys):
     config = {**CONFIG, "num_classes": 4, "image_size": 32}
     path = tmp_path / "c.pt"
     model = build_model(config)
-    utils.save_checkpoint(str(path), {"model": model.state_dict(), "ema": model.state_dict(),
+    save_checkpoint(str(path), {"model": model.state_dict(), "ema": model.state_dict(),
                                       "config": config, "epoch": 0, "step": 0})
     with open(os.path.join(REAL_ROOT, "train.csv"), newline="") as f:
         rows = f.read().split("\r\n")

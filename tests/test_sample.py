@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import sample
 import utils
+from checkpoint import save_checkpoint
 from dataset import list_image_folder, load_images
 from model import build_model
 
@@ -38,7 +39,7 @@ def ckpt(tmp_path_factory):
     model = tiny_model()
     raw = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-    utils.save_checkpoint(path, {"model": raw, "ema": model.state_dict(), "config": dict(CONFIG),
+    save_checkpoint(path, {"model": raw, "ema": model.state_dict(), "config": dict(CONFIG),
                                  "epoch": 0, "step": 0})
     return path, model
 

@@ -14,7 +14,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 import dataset  # noqa: E402
 import train  # noqa: E402
-from utils import load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 TINY = ["--nr-resnet", "1", "--nr-filters", "8", "--nr-logistic-mix", "2", "--embedding-dim", "4",
         "--image-size", "8", "--dropout", "0.2", "--batch-size", "8", "--eval-batch-size", "16",

@@ -1,7 +1,4 @@
-"""The mixture likelihood, sampling, scoring under every label, and checkpoints."""
-import subprocess
-import sys
-
+"""The mixture likelihood, sampling one pixel, bits/dim, scoring under every label, Bayes' rule."""
 import numpy as np
 import pytest
 import torch
@@ -9,10 +6,9 @@ from scipy.stats import chisquare
 
 from conftest import randomize_label_parameters
 from model import build_model
-from utils import (CheckpointError, bits_per_dim, class_log_likelihoods,
-                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, load_checkpoint,
-                   log_posterior, model_from_checkpoint, sample_from_discretized_mix_logistic,
-                   save_checkpoint, snap_to_levels)
+from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic_log_probs,
+                   discretized_mix_logistic_nll, log_posterior, sample_from_discretized_mix_logistic,
+                   snap_to_levels)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
@@ -127,82 +123,3 @@ def test_samples_follow_the_mixture_chi_square():
 def test_bits_per_dim():
     nll = torch.tensor([3 * 8 * 8 * np.log(2) * 2.5])
     assert torch.allclose(bits_per_dim(nll, (3, 8, 8)), torch.tensor([2.5], dtype=torch.float64))
-
-
-def test_checkpoint_round_trips_bit_for_bit_in_a_fresh_process(tmp_path):
-    torch.manual_seed(0)
-    model = randomize_label_parameters(build_model(TINY)).eval()
-    x = torch.rand(2, 3, 8, 8) * 2 - 1
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(model(x, torch.tensor([0, 2])).detach(), tmp_path / "expected.pt")
-    save_checkpoint(tmp_path / "model.pt", {"model": model.state_dict(), "ema": None,
-                                            "config": TINY, "epoch": 1, "step": 10})
-    script = (
-        "import sys, torch; sys.path.insert(0, '.'); torch.set_num_threads(1);"  # as this process
-        "from utils import load_checkpoint, model_from_checkpoint;"
-        f"d = '{tmp_path}';"
-        "m = model_from_checkpoint(load_checkpoint(d + '/model.pt'));"
-        "torch.save(m(torch.load(d + '/x.pt'), torch.tensor([0, 2])).detach(), d + '/got.pt')"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
-    assert torch.equal(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "expected.pt"))
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-
-
-class Payload:
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
-def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "config": TINY, "payload": Payload()}, path)
-    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
-        load_checkpoint(path)
-
-
-def test_checkpoint_errors_are_clear(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
-        load_checkpoint(tmp_path / "other.pt")
-    for name, content in [("junk.pt", b"not a checkpoint at all"), ("hello.pt", b"hello"), ("empty.pt", b"")]:
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(CheckpointError, match=name):
-            load_checkpoint(tmp_path / name)
-
-
-def test_model_from_checkpoint_prefers_ema(tmp_path):
-    torch.manual_seed(0)
-    model, ema = build_model(TINY), build_model(TINY)
-    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": ema.state_dict(), "config": TINY})
-    state = load_checkpoint(tmp_path / "c.pt")
-    x, y = torch.zeros(1, 3, 8, 8), torch.tensor([1])
-    assert torch.equal(model_from_checkpoint(state)(x, y), ema.eval()(x, y))
-    assert torch.equal(model_from_checkpoint(state, weights="model")(x, y), model.eval()(x, y))
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_memory_is_reused_without_page_faults():
-    """After reuse_freed_memory (the CLIs call it at start), a freed 64 MB block, which glibc
-    would unmap on free and map afresh, is reused without page-faulting it in again."""
-    script = (
-        "import ctypes, resource, sys; sys.path.insert(0, '.'); import utils\n"
-        "applied = utils.reuse_freed_memory() if sys.argv[1] == 'on' else False\n"
-        "libc = ctypes.CDLL('libc.so.6')\n"
-        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
-        "libc.free.argtypes = [ctypes.c_void_p]\n"
-        "def use(n=64 << 20):\n"
-        "    block = libc.malloc(n); ctypes.memset(block, 1, n); libc.free(block)\n"
-        "use()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(5):\n"
-        "    use()\n"
-        "print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() >> 20)"
-    )
-    faulted = {}
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
-        applied, faulted[mode] = out.stdout.split()[0] == "True", int(out.stdout.split()[1])
-    assert applied and faulted["off"] >= 256 and faulted["on"] < 4, faulted  # MB faulted in

@@ -1,0 +1,175 @@
+"""Files that must survive a crash, and what goes in them: atomic writes (checkpoints and CSVs),
+loading with weights_only=True, rebuilding a model, a training run's state, and the RNG state.
+
+A checkpoint is a plain dict of tensors and primitives, so torch.load(..., weights_only=True)
+reads it and a checkpoint from elsewhere cannot run code.
+"""
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from config import UsageError
+from model import MODEL_DEFAULTS, build_model
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that is missing, unreadable, or not one of ours."""
+
+
+def atomic_write(path, write):
+    """Call write(binary file) on a temp file beside `path`, then os.replace it into place.
+
+    A crash or kill at any moment leaves either the old file or the new one, never a torn one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; ours need not be
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, state):
+    """Write `state` (a dict of tensors and primitives) atomically."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint with weights_only=True (it cannot run code) and check that it is ours."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for foreign or corrupt files
+        raise CheckpointError(f"{path} is not a loadable checkpoint of plain tensors and "
+                              f"primitives ({first_line(err)})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
+    return state
+
+
+def first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def model_from_checkpoint(state, weights="ema"):
+    """Rebuild the model stored in a checkpoint dict; `weights` is 'ema' (if present) or 'model'."""
+    model = build_model({k: v for k, v in state["config"].items() if k in MODEL_DEFAULTS})
+    key = "ema" if weights == "ema" and state.get("ema") is not None else "model"
+    model.load_state_dict(state[key])
+    return model.eval()
+
+
+def load_model(checkpoint, device):
+    """The EMA model of a train.py checkpoint, on `device`, in eval mode; CheckpointError otherwise."""
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    try:
+        model = model_from_checkpoint(state, weights="ema")
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
+                              f"describes ({first_line(err)})") from None
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# A training run's state
+
+# How far a run has got: saved with the weights, restored on resume.
+PROGRESS_KEYS = ("epoch", "batch_in_epoch", "step", "epoch_bpd_sum", "epoch_batches", "elapsed",
+                 "wandb_id", "best", "metrics")
+
+
+def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_per_rank, world_size):
+    """-> the checkpoint dict of a training run. `progress` holds PROGRESS_KEYS; `ema` is an
+    AveragedModel; `rng_per_rank` is every process's rng_state() under DDP, else None."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict(),
+        "ema_n_averaged": int(ema.n_averaged),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": dict(config),
+        **{key: progress[key] for key in PROGRESS_KEYS},
+        "rng": rng,
+        "rng_per_rank": rng_per_rank,
+        "world_size": world_size,
+        "best_metric": config["best_metric"],
+    }
+
+
+def restore_training_state(state, model, ema, optimizer, scheduler, source):
+    """Load a training_state() dict into the objects; -> its progress dict. CheckpointError names
+    `source` when the dict is not a train.py checkpoint or does not fit the objects."""
+    missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *PROGRESS_KEYS)
+               if key not in state]
+    if missing:
+        raise CheckpointError(f"{source}: cannot resume from it: not a train.py checkpoint "
+                              f"(no {missing[0]!r}); it can still be used for classify/sample")
+    try:
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(state.get("ema_n_averaged", 1))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{source}: cannot resume from it ({first_line(err)})") from None
+    return {key: state[key] for key in PROGRESS_KEYS}
+
+
+def restore_rng(state, rank, world_size):
+    """Restore this process's RNG from a training_state() dict, where the run had as many
+    processes (a run resumed on another number of processes keeps its fresh seeds)."""
+    per_rank = state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        set_rng_state(per_rank[rank])
+    elif world_size == 1:
+        set_rng_state(state["rng"])
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state as plain tensors and primitives (loadable with weights_only=True)
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available() \
+            and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))

@@ -1,0 +1,301 @@
+"""How a run is set up: the training config, the command line of the three CLIs, and the machine.
+
+The training config is one table (KEYS) of keys, types, defaults and help. Values come from the
+defaults (the demo setup; configs/demo.yaml holds the same), then a YAML file, then the command
+line, where every key is a flag (--data-dir or --data_dir) whose value is read as YAML (3, 1e-3,
+true, null) and a bare flag means true. A resumed run continues its checkpoint's config, and
+keys given again override it, except the model's, which cannot change.
+
+UsageError is the one error type for a user's mistake (a flag, a key, a data file, a checkpoint:
+dataset.DataError and checkpoint.CheckpointError derive from it): the CLIs print its one line and
+exit 2. ArgumentParser is the one parser class of the CLIs.
+"""
+import argparse
+import ctypes
+import ctypes.util
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from model import MODEL_DEFAULTS, validate_model_config
+
+EXIT_USER_ERROR = 2
+
+
+class UsageError(Exception):
+    """A user's mistake; the message is one line that names the flag, key or file at fault."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gives one stderr line (and exit code 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def report(prog, err):
+    """Print a UsageError as exactly one line on stderr; -> the exit code for it."""
+    print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+# --------------------------------------------------------------------------------------------
+# The training config: one table
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: type            # int, float, bool or str; values are checked and converted to it
+    default: object
+    help: str
+    nullable: bool = False
+    choices: tuple = ()
+
+
+KEYS = [
+    # model (see model.MODEL_DEFAULTS; model.validate_model_config checks the values)
+    Key("nr_resnet", int, 1, "gated resnets per stream per resolution"),
+    Key("nr_filters", int, 16, "channels of every layer"),
+    Key("nr_logistic_mix", int, 5, "logistic components per pixel"),
+    Key("dropout", float, 0.1, "dropout in every gated resnet"),
+    Key("num_classes", int, 4, "labels 0..num_classes-1; 0 for an unconditional model"),
+    Key("embedding_dim", int, 16, "label embedding concatenated to the input (0: none)"),
+    Key("block_conditioning", str, "film", "label conditioning inside every gated resnet",
+        choices=("none", "bias", "film")),
+    Key("image_size", int, 32, "images are resized to image_size x image_size"),
+    # data
+    Key("data_dir", str, "data/demo", "the data set; the demo set is generated at data/demo only"),
+    Key("train_split", str, "train", "<data_dir>/<train_split>.csv"),
+    Key("val_split", str, "val", "<data_dir>/<val_split>.csv if it exists, else carve val_fraction",
+        nullable=True),
+    Key("val_fraction", float, 0.1, "share of the training CSV held out when there is no val CSV"),
+    Key("num_workers", int, 0, "DataLoader workers"),
+    Key("hflip", bool, False, "mirror each training image left-right with probability 1/2"),
+    # optimisation
+    Key("epochs", int, 8, "epochs in all (a resumed run trains up to this many)"),
+    Key("batch_size", int, 32, "images per step, per process"),
+    Key("eval_batch_size", int, 64, "images per forward pass in evaluation"),
+    Key("lr", float, 0.002, "Adam's learning rate"),
+    Key("lr_decay", float, 0.999, "multiplicative, every step"),
+    Key("grad_clip", float, None, "max gradient norm, or null", nullable=True),
+    Key("ema_decay", float, 0.99, "decay of the weight average that is evaluated and saved"),
+    Key("cls_loss_weight", float, 0.0, "weight of the label posterior's cross-entropy (nats/image)"),
+    Key("cls_batch_size", int, 0, "images per batch scored under every label for it (0: all)"),
+    Key("seed", int, 0, "seeds the weights, the data order, dropout and the samples"),
+    Key("device", str, "auto", "auto picks CUDA where there is one", choices=("auto", "cpu", "cuda")),
+    Key("amp", bool, False, "bf16 autocast where the device has native bf16 (CUDA; AVX512-BF16 or AMX)"),
+    Key("compile", bool, False, "torch.compile (minutes of warm-up; no faster on CPUs: BENCHMARKS.md)"),
+    Key("channels_last", bool, False, "channels-last memory format (faster or slower by size)"),
+    # when to evaluate, save and sample (in epochs), and where
+    Key("out_dir", str, "checkpoints/demo", "last.pt, best.pt, metrics.jsonl, config.yaml, samples"),
+    Key("eval_every", int, 1, "evaluate on the validation split every N epochs"),
+    Key("save_every", int, 1, "write last.pt every N epochs"),
+    Key("sample_every", int, 0, "a sample grid every N epochs; 0: at the end only"),
+    Key("samples_per_class", int, 4, "images per class in a grid; 0: no grids"),
+    Key("best_metric", str, "val_acc", "what best.pt is best at", choices=("val_acc", "val_bpd")),
+    Key("max_time", str, None, "wall-clock limit: '45m', '2h', '90s', seconds, or null", nullable=True),
+    Key("resume", str, None, "true (<out_dir>/last.pt) or a checkpoint path", nullable=True),
+    Key("overwrite", bool, False, "start afresh even if <out_dir>/last.pt exists"),
+    Key("wandb", str, "offline", "WANDB_MODE=disabled also disables",
+        choices=("offline", "online", "disabled")),
+    Key("wandb_project", str, "pixelcnn-pp", "the wandb project"),
+]
+KEY_BY_NAME = {key.name: key for key in KEYS}
+DEFAULTS = {key.name: key.default for key in KEYS}
+assert set(MODEL_DEFAULTS) <= set(DEFAULTS)
+
+# Lower bounds of the numeric keys (inclusive unless the bound is in OPEN); upper bounds below.
+AT_LEAST = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "lr": 0, "lr_decay": 0, "ema_decay": 0,
+            "val_fraction": 0, "cls_loss_weight": 0, "cls_batch_size": 0, "eval_every": 1,
+            "save_every": 1, "sample_every": 0, "samples_per_class": 0, "num_workers": 0, "grad_clip": 0}
+OPEN = {"lr", "lr_decay", "grad_clip"}
+BELOW = {"ema_decay": 1, "val_fraction": 1}  # exclusive
+AT_MOST = {"lr_decay": 1}
+
+
+def coerce(name, value):
+    """Check (and gently convert) one config value to its key's type; UsageError names the key."""
+    key = KEY_BY_NAME.get(name)
+    if key is None:
+        raise UsageError(f"unknown config key {name!r}")
+    if value is None:
+        if key.nullable:
+            return None
+        raise UsageError(f"config key {name!r} cannot be null")
+    if name == "resume" and isinstance(value, bool):
+        return True if value else None
+    if name == "max_time" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and key.type in (int, float):
+        try:
+            value = key.type(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if key.type is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) != (key.type is bool) or not isinstance(value, key.type):
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[key.type]
+        raise UsageError(f"config key {name!r} must be {what}, got {value!r}")
+    if key.choices and value not in key.choices:
+        raise UsageError(f"config key {name!r} must be one of {list(key.choices)}, got {value!r}")
+    return value
+
+
+def check_range(name, value):
+    low, high = AT_LEAST.get(name), BELOW.get(name, AT_MOST.get(name))
+    if value is None or (low is None and high is None):
+        return
+    ok = low is None or (value > low if name in OPEN else value >= low)
+    ok = ok and (high is None or (value < high if name in BELOW else value <= high))
+    if not ok:
+        left = "" if low is None else f"{'>' if name in OPEN else '>='} {low}"
+        right = "" if high is None else f"{'<' if name in BELOW else '<='} {high}"
+        raise UsageError(f"config key {name!r} must be {' and '.join(filter(None, (left, right)))}"
+                         f"{' or null' if KEY_BY_NAME[name].nullable else ''}, got {value!r}")
+
+
+def validate_config(config):
+    """-> the config with every value checked and converted; UsageError names the first bad key."""
+    config = {name: coerce(name, value) for name, value in config.items()}
+    for name, value in config.items():
+        check_range(name, value)
+    parse_duration(config["max_time"])
+    try:
+        validate_model_config({k: config[k] for k in MODEL_DEFAULTS})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if config["cls_loss_weight"] > 0 and config["num_classes"] == 0:
+        raise UsageError("config key 'cls_loss_weight' needs num_classes > 0 (a conditional model)")
+    return config
+
+
+def parse_duration(value):
+    """'45m', '2h', '90s', '1h30m', '1.5h', a number of seconds, or None -> seconds (or None)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        pattern = r"(\d+(?:\.\d+)?)\s*([hms]?)"
+        parts = re.findall(pattern, text)
+        if not parts or re.sub(pattern, "", text).strip():
+            raise UsageError(f"max_time {value!r} is not a duration like '45m', '2h', '90s' or '1h30m'")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit] for n, unit in parts)
+    if seconds <= 0:
+        raise UsageError(f"max_time must be positive, got {value!r}")
+    return seconds
+
+
+def training_parser(prog, description):
+    """The train.py command line: --config FILE and one flag per key (dashes or underscores)."""
+    p = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="a YAML file of key: value (configs/)")
+    for key in KEYS:
+        flags = {f"--{key.name.replace('_', '-')}", f"--{key.name}"}
+        p.add_argument(*sorted(flags), dest=key.name, nargs="?", const="true", metavar="VALUE",
+                       help=f"{key.help} (default: {yaml.safe_dump(key.default).splitlines()[0]})")
+    return p
+
+
+def read_yaml_config(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config file must be a mapping of key: value")
+    for key in data:
+        if key not in DEFAULTS:
+            raise UsageError(f"{path}: unknown config key {key!r}")
+    return data
+
+
+def parse_training_args(parser, argv):
+    """argv -> (the config given in a YAML file, the config given as flags), values unchecked."""
+    given = vars(parser.parse_args(argv))
+    config_file = given.pop("config", None)
+    from_yaml = read_yaml_config(config_file) if config_file else {}
+    from_flags = {}
+    for name, text in given.items():
+        try:
+            from_flags[name] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            from_flags[name] = text
+    return from_yaml, from_flags
+
+
+def merge_on_resume(stored, given, source):
+    """A resumed run continues the `stored` config; keys `given` again override it, except the
+    model's, which cannot change. -> the merged, unchecked config."""
+    stored = {**DEFAULTS, **{k: v for k, v in stored.items() if k in DEFAULTS}}
+    for name in MODEL_DEFAULTS:
+        if name in given and coerce(name, given[name]) != stored[name]:
+            raise UsageError(f"config key {name!r} is {given[name]!r} but the checkpoint {source} "
+                             f"was trained with {stored[name]!r}; model keys cannot change on resume")
+    return {**stored, **given, "resume": source}
+
+
+def resume_path(config):
+    return os.path.join(config["out_dir"], "last.pt") if config["resume"] is True else config["resume"]
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+
+def resolve_device(name, local_rank=0):
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N' -> torch.device; UsageError otherwise.
+    Under torchrun, 'auto' and 'cuda' mean this process's GPU (LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}: CUDA is not available on this machine (use cpu)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def native_bf16(device):
+    """Whether `device` computes in bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16
+    or AMX. (oneDNN emulates bf16 on other AVX-512 CPUs, more slowly than float32.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def reuse_freed_memory():
+    """Let glibc's malloc keep freed memory for the next batch instead of returning it to the OS.
+
+    By default glibc maps every block over 32 MB afresh and unmaps it when freed (and trims the
+    top of its heap), so each batch page-faults its activations back in: about a quarter of
+    classify.py's time on a CPU (BENCHMARKS.md). The process's memory stays at its peak instead.
+    -> whether it applied (only on glibc; elsewhere it changes nothing). PyTorch's CPU tuning
+    guide gets the same effect by preloading jemalloc or tcmalloc.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False

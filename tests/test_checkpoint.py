@@ -1,0 +1,67 @@
+"""Atomic writes, checkpoints that cannot run code, rebuilding a model, and the RNG state."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import randomize_label_parameters
+from model import build_model
+
+TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
+            num_classes=3, embedding_dim=4, block_conditioning="film")
+
+
+def test_checkpoint_round_trips_bit_for_bit_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_label_parameters(build_model(TINY)).eval()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x, torch.tensor([0, 2])).detach(), tmp_path / "expected.pt")
+    save_checkpoint(tmp_path / "model.pt", {"model": model.state_dict(), "ema": None,
+                                            "config": TINY, "epoch": 1, "step": 10})
+    script = (
+        "import sys, torch; sys.path.insert(0, '.'); torch.set_num_threads(1);"  # as this process
+        "from checkpoint import load_checkpoint, model_from_checkpoint;"
+        f"d = '{tmp_path}';"
+        "m = model_from_checkpoint(load_checkpoint(d + '/model.pt'));"
+        "torch.save(m(torch.load(d + '/x.pt'), torch.tensor([0, 2])).detach(), d + '/got.pt')"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "expected.pt"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": TINY, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "other.pt")
+    for name, content in [("junk.pt", b"not a checkpoint at all"), ("hello.pt", b"hello"), ("empty.pt", b"")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=name):
+            load_checkpoint(tmp_path / name)
+
+
+def test_model_from_checkpoint_prefers_ema(tmp_path):
+    torch.manual_seed(0)
+    model, ema = build_model(TINY), build_model(TINY)
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": ema.state_dict(), "config": TINY})
+    state = load_checkpoint(tmp_path / "c.pt")
+    x, y = torch.zeros(1, 3, 8, 8), torch.tensor([1])
+    assert torch.equal(model_from_checkpoint(state)(x, y), ema.eval()(x, y))
+    assert torch.equal(model_from_checkpoint(state, weights="model")(x, y), model.eval()(x, y))
