@@ -13,6 +13,7 @@ than --naive-budget seconds, it is timed on its first rows only and scaled by th
 pixels (the table says so). The fast sampler always generates whole images.
 """
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -46,9 +47,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def from_code_under_test(attribute, *modules):
+    """`attribute` of the first of `modules` in the code under test (sys.path[0], see --code) that
+    has it, or None. The layout changed (sampling.py and config.py since "one job per file",
+    sample.py and utils.py before), and at an older commit `import sampling` would find this script,
+    so a module counts only where the code has its file."""
+    for name in modules:
+        if os.path.isfile(os.path.join(sys.path[0], name + ".py")):
+            value = getattr(importlib.import_module(name), attribute, None)
+            if value is not None:
+                return value
+    return None
+
+
 def time_sampler(model, labels, sampler, pixels, device):
     """Seconds to sample `pixels` pixels (all of them if None) of a batch."""
-    from sample import generate  # from the code under test (see --code)
+    generate = from_code_under_test("generate", "sampling", "sample")
     sync(device)
     start = time.perf_counter()
     try:
@@ -106,8 +120,8 @@ def main():
     sys.path.insert(0, args.code)
     device = torch.device(args.device)
     if args.one:
-        import utils  # from the code under test
-        getattr(utils, "reuse_freed_memory", lambda: None)()  # as sample.py does, where the code has it
+        # as sample.py does, where the code has it
+        (from_code_under_test("reuse_freed_memory", "config", "utils") or (lambda: None))()
         model, labels = model_and_labels(args.one[0], int(args.one[1]), device)
         print(json.dumps(time_sampler(model, labels, "fast", None, device)))
         return

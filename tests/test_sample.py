@@ -1,5 +1,6 @@
-"""sample.py: the naive sampler, seeding, the files it writes, FID against a direct computation
-with a stand-in feature extractor, the warnings, and missing Inception weights offline."""
+"""sample.py, the CLI: the files it writes and their seeding, bad inputs, FID through the CLI
+against a direct computation with a stand-in feature extractor, the warnings, a local Inception
+weights file, and missing Inception weights offline."""
 import json
 import os
 import subprocess
@@ -7,17 +8,16 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import sample
-import utils
 from checkpoint import save_checkpoint
-from dataset import list_image_folder, load_images
 from model import build_model
+from sampling import derive_seed, generate
+from test_fid import StandIn, features_of_folder, frechet_direct, random_inception_weights, write_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 K = 3
 SIZE = 8
@@ -55,55 +55,6 @@ def read_png(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The sampler and seeding.
-
-def test_naive_sampler_levels_and_dtypes():
-    model = tiny_model()
-    labels = torch.tensor([0, 1, 2, 1])
-    g = torch.Generator().manual_seed(3)
-    x = sample.generate_naive(model, labels, g)
-    assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32
-    assert x.min() >= -1 and x.max() <= 1
-    levels = (x + 1) * 127.5
-    assert torch.allclose(levels, levels.round(), atol=1e-4)  # on the 256 levels
-    images = sample.generate(model, labels, "naive", seed=3)
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, SIZE, SIZE)
-    assert torch.equal(images, levels.round().to(torch.uint8))
-    assert len(images.unique()) > 10  # not a constant image
-
-    model64 = tiny_model().double()
-    x64 = sample.generate_naive(model64, labels, torch.Generator().manual_seed(3))
-    assert x64.dtype == torch.float64
-    assert sample.generate(model64, labels, "naive", seed=3).dtype == torch.uint8
-
-
-def test_same_seed_same_images_different_seed_different():
-    model = tiny_model()
-    labels = torch.tensor([0, 2])
-    a = sample.generate(model, labels, "naive", seed=11)
-    b = sample.generate(model, labels, "naive", seed=11)
-    c = sample.generate(model, labels, "naive", seed=12)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-
-
-def test_unconditional_model():
-    model = tiny_model({**CONFIG, "num_classes": 0})
-    images = sample.generate(model, None, "naive", seed=0, n=2)
-    assert images.shape == (2, 3, SIZE, SIZE)
-    model.double()
-    assert torch.equal(sample.generate(model, None, "naive", seed=0, n=2),
-                       sample.generate(model, None, "fast", seed=0, n=2))
-
-
-def test_fast_equals_naive_in_float64():
-    model = tiny_model().double()
-    labels = torch.tensor([0, 1, 2])
-    assert torch.equal(sample.generate(model, labels, "fast", seed=5),
-                       sample.generate(model, labels, "naive", seed=5))
-
-
-# ---------------------------------------------------------------------------------------------
 # The command line: files, counts, seeds, classes.
 
 def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
@@ -120,7 +71,7 @@ def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
         assert img.mode == "RGB" and img.size == (SIZE, SIZE)  # 8-bit RGB
         assert Image.open(out / f"grid_{n}.png").size == (3 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
     # the files are generate()'s images, batch b of class k seeded by derive_seed(seed, k, b)
-    first_two = sample.generate(model, torch.tensor([1, 1]), "naive", seed=sample.derive_seed(7, 1, 0))
+    first_two = generate(model, torch.tensor([1, 1]), "naive", seed=derive_seed(7, 1, 0))
     assert torch.equal(read_png(out / "Class1" / "0000.png"), first_two[0])
     assert torch.equal(read_png(out / "Class1" / "0001.png"), first_two[1])
     # the EMA weights (the raw ones differ) are the ones used: covered by the equality above
@@ -166,83 +117,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# FID.
-
-class StandIn(torch.nn.Module):
-    """A tiny fixed random conv net: float images in [0, 1] [B, 3, H, W] -> [B, 4] features."""
-
-    def __init__(self, dims=4):
-        super().__init__()
-        g = torch.Generator().manual_seed(1234)
-        self.conv = torch.nn.Conv2d(3, 6, 3)
-        self.fc = torch.nn.Linear(6, dims)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x)).mean(dim=(2, 3)))
-
-
-def frechet_direct(a, b):
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), written independently of sample.py."""
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(s_a @ s_b)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root).real)
-
-
-def features_of_folder(folder, extractor):
-    files = [os.path.join(folder, i) for i, _ in list_image_folder(str(folder))]
-    with torch.no_grad():
-        return extractor(load_images(files, SIZE).float() / 255).double().numpy()
-
-
-def write_folder(folder, n, seed, base):
-    rng = np.random.RandomState(seed)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        arr = np.clip(rng.normal(base, 60, (16, 16, 3)), 0, 255).astype(np.uint8)  # resized to 8
-        Image.fromarray(arr).save(os.path.join(folder, f"ref{i:03d}.png"))
-
-
-def test_fid_from_features_matches_direct():
-    rng = np.random.RandomState(0)
-    a, b = rng.normal(0, 1, (40, 5)), rng.normal(0.3, 1.2, (30, 5))
-    assert sample.fid_from_features(a, b) == pytest.approx(frechet_direct(a, b), rel=1e-6)
-    assert sample.fid_from_features(a, a) == pytest.approx(0, abs=1e-6)
-    with pytest.raises(ValueError):
-        sample.fid_from_features(a[:1], b)
-
-
-def test_fid_on_two_folders_with_stand_in(tmp_path):
-    extractor = StandIn()
-    write_folder(tmp_path / "a", 12, seed=1, base=90)
-    write_folder(tmp_path / "b", 10, seed=2, base=150)
-    fa, fb = features_of_folder(tmp_path / "a", extractor), features_of_folder(tmp_path / "b", extractor)
-    images_a, labels_a = sample.reference_set(str(tmp_path / "a"), "train", K, SIZE)
-    images_b, labels_b = sample.reference_set(str(tmp_path / "b"), "train", K, SIZE)
-    assert (labels_a == -1).all() and len(images_a) == 12
-    feats_a = sample.extract_features(images_a, extractor, batch_size=5)
-    feats_b = sample.extract_features(images_b, extractor, batch_size=5)
-    np.testing.assert_allclose(feats_a, fa, rtol=1e-6, atol=1e-6)
-    results, messages = sample.compute_fid(feats_a, labels_a, feats_b, labels_b)
-    assert list(results) == ["pooled"] and not messages
-    assert results["pooled"]["fid"] == pytest.approx(frechet_direct(fa, fb), rel=1e-5)
-    assert results["pooled"]["fid"] > 0.01
-
-
-def test_fid_warns_with_few_images():
-    rng = np.random.RandomState(0)
-    gen, ref = rng.normal(size=(9, 8)), rng.normal(size=(30, 8))
-    results, messages = sample.compute_fid(gen, [0] * 3 + [1] * 6, ref, [0] * 20 + [1] * 10, dims=8)
-    assert set(results) == {"pooled", "Class0", "Class1"}
-    assert len(messages) == 1 and "singular" in messages[0]
-    assert "Class0 (3 generated, 20 reference)" in messages[0] and "Class1 (6 generated" in messages[0]
-    assert "pooled" not in messages[0]  # 9 generated > 8 dims
-    _, messages = sample.compute_fid(gen, [0] * 8 + [2], ref, [0] * 30, dims=8)
-    assert any("no FID for Class2" in m for m in messages)
-
+# FID through the command line.
 
 def test_cli_fid_per_class_against_direct(ckpt, tmp_path, capsys):
     """FID through the CLI with the stand-in extractor and a reference folder of ClassK/ folders:
@@ -270,18 +145,6 @@ def test_cli_fid_per_class_against_direct(ckpt, tmp_path, capsys):
     assert len(warning) == 1 and "Class0 (6 generated, 3 reference)" in warning[0]
     assert "pooled" not in warning[0] and "Class1" not in warning[0]
     assert "FID pooled" in stdout
-
-
-def test_reference_set_from_cpen455_csv(tmp_path):
-    root = tmp_path / "cpen"
-    write_folder(root / "train", 6, seed=3, base=100)
-    names = sorted(os.listdir(root / "train"))
-    labels = [0, 1, 2, 0, 1, 2]
-    (root / "train.csv").write_bytes("".join(f"train/{n},{l}\r\n" for n, l in zip(names, labels)).encode())
-    images, got = sample.reference_set(str(root), "train", K, SIZE)
-    assert images.shape == (6, 3, SIZE, SIZE) and got.tolist() == labels
-    images, got = sample.reference_set(str(root), "train", K, SIZE, classes=[2])
-    assert got.tolist() == [2, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,16 +189,8 @@ def test_missing_weights_offline_subprocess(ckpt, tmp_path):
 def test_fid_weights_file_real_inception(ckpt, tmp_path, capsys):
     """--fid-weights loads a local state_dict into pytorch-fid's InceptionV3 (here random weights
     of the right shapes, 64 dims) with no download; a file that is not such weights fails cleanly."""
-    from unittest import mock
-
-    from pytorch_fid import inception as fid_inception
-    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(torch.nn.Module, "load_state_dict", lambda *a, **k: None):
-        torch.manual_seed(0)
-        net = fid_inception.fid_inception_v3()
     weights = tmp_path / "inception.pth"
-    torch.save(net.state_dict(), weights)
-    del net
+    torch.save(random_inception_weights(), weights)
     path, _ = ckpt
     ref = tmp_path / "ref"
     write_folder(ref, 5, seed=0, base=100)

@@ -1,9 +1,17 @@
-"""Cached incremental sampling for PixelCNN++ (after Ramachandran et al., 2017, "Fast Generation
-for Convolutional Autoregressive Models"), exactly equal to one full forward pass per pixel.
+"""The samplers of PixelCNN++: the naive one and the cached incremental one, side by side, and
+generate(), which draws uint8 images with either.
 
-Every activation of the network gets a buffer of its full size, plus one row of zero padding on
-top and one column on each side (the padding the shifted convolutions would add). When the
-sampler reaches pixel (i, j), only the values that just became computable are computed, each
+Both sample pixel by pixel in raster order, one mixture_noise draw per pixel, in one loop
+(sample_raster); they differ only in how they get each pixel's mixture parameters:
+- naive (FullForward): one full forward pass of the network per pixel, the reference;
+- cached (IncrementalPixelCNN, after Ramachandran et al., 2017, "Fast Generation for
+  Convolutional Autoregressive Models"): only the activations that the new pixel makes
+  computable, exactly equal to the full forward pass, at a constant cost per pixel.
+So both give the same images from the same generator (in float64 to the bit).
+
+The cache: every activation of the network gets a buffer of its full size, plus one row of zero
+padding on top and one column on each side (the padding the shifted convolutions would add). When
+the sampler reaches pixel (i, j), only the values that just became computable are computed, each
 from windows of buffers that already hold everything it needs:
 - the u stream (down-shifted: it sees only rows above) a whole row at a time, at the start of
   image row i: row i at full resolution, row i/2 at half resolution when i is even, row i/4 at
@@ -12,6 +20,7 @@ from windows of buffers that already hold everything it needs:
   (i, j) at full resolution, (i/2, j/2) at half resolution when i and j are even, and so on.
 Each step costs the same whatever the row, and no value is computed twice.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +28,90 @@ from layers import WeightNorm
 from model import NUM_RESOLUTIONS
 from utils import sample_from_discretized_mix_logistic
 
+
+def generate(model, labels, sampler="fast", seed=0, n=None, progress=None):
+    """Sample uint8 images [B, 3, H, W] (H = W = model.config['image_size']) with the model's own
+    dtype and device. labels: LongTensor [B], or None for an unconditional model (then give n).
+    The generator is torch.Generator(device).manual_seed(seed); `sampler` is 'fast' (the cached
+    sampler) or 'naive'. progress: a tqdm-like object updated once per pixel, or None."""
+    samplers = {"fast": generate_cached, "naive": generate_naive}
+    if sampler not in samplers:
+        raise ValueError(f"sampler must be 'fast' or 'naive', got {sampler!r}")
+    param = next(model.parameters())
+    generator = torch.Generator(param.device).manual_seed(seed)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=param.device)
+    return to_uint8(samplers[sampler](model, labels, generator, progress=progress, n=n))
+
+
+def to_uint8(x):
+    """Images in [-1, 1] on the 256 levels -> uint8: round((x + 1) * 127.5)."""
+    return torch.round((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def derive_seed(seed, class_index, chunk):
+    """The generator seed of batch `chunk` of class `class_index` (-1: unconditional). It depends
+    on these three alone, so a class's images do not depend on which other classes are drawn."""
+    return int(np.random.SeedSequence([seed, class_index + 1, chunk]).generate_state(1)[0])
+
+
+def generate_naive(model, labels, generator, progress=None, n=None):
+    """The reference sampler, one full forward pass per pixel: float images in [-1, 1] on the 256
+    levels, [B, 3, H, W], in the model's dtype. labels: [B], or None (then n images from the
+    unconditional model). progress: a tqdm-like object updated once per pixel, or None."""
+    return sample_raster(FullForward, model, labels, generator, progress, n)
+
+
+def generate_cached(model, labels, generator, progress=None, n=None):
+    """The cached sampler: the same images as generate_naive (same arguments, same result), with
+    the work of one pixel constant instead of a full forward pass."""
+    return sample_raster(IncrementalPixelCNN, model, labels, generator, progress, n)
+
+
+@torch.inference_mode()
+def sample_raster(network, model, labels, generator, progress, n):
+    """Sample a batch pixel by pixel in raster order, one mixture_noise draw per pixel, with
+    `network` (FullForward or IncrementalPixelCNN) giving each pixel's mixture parameters."""
+    model.eval()
+    param = next(model.parameters())
+    batch_size = labels.shape[0] if labels is not None else n
+    if batch_size is None:
+        raise ValueError("an unconditional batch needs n (the number of images)")
+    net = network(model, labels, batch_size, param.device, param.dtype)
+    size = model.config["image_size"]
+    images = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
+    for i in range(size):
+        net.start_row(i)
+        for j in range(size):
+            pixel = sample_from_discretized_mix_logistic(net.params_at(i, j), generator)  # [B, 3, 1, 1]
+            net.set_pixel(i, j, pixel)
+            images[:, :, i:i + 1, j:j + 1] = pixel
+            if progress is not None:
+                progress.update(1)
+    return images
+
+
+class FullForward:
+    """The naive sampler's network: the whole model on the image drawn so far, for every pixel.
+    The same interface as IncrementalPixelCNN (start_row, params_at, set_pixel)."""
+
+    def __init__(self, model, labels, batch_size, device, dtype):
+        self.model, self.labels = model, labels
+        size = model.config["image_size"]
+        self.x = torch.zeros(batch_size, 3, size, size, device=device, dtype=dtype)
+
+    def start_row(self, i):
+        pass  # nothing is kept between pixels
+
+    def params_at(self, i, j):
+        return self.model(self.x, self.labels)[:, :, i:i + 1, j:j + 1]  # [B, 10M, 1, 1]
+
+    def set_pixel(self, i, j, value):
+        self.x[:, :, i:i + 1, j:j + 1] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache.
 
 def concat_elu(*xs):
     """layers.concat_elu in the fewest operations: on the sampler's few pixels, per-operation
@@ -185,28 +278,3 @@ class IncrementalPixelCNN:
     def set_pixel(self, i, j, value):
         """Write pixel (i, j)'s RGB value [B, 3, 1, 1] into the input."""
         self.buffers["input"][:, :3, i + 1, j + 1] = value[:, :, 0, 0]
-
-
-@torch.inference_mode()
-def generate_fast(model, labels, generator, progress=None, n=None):
-    """Sample a batch pixel by pixel with the cache: float images in [-1, 1], [B, 3, H, W].
-    B is len(labels), or n for an unconditional model (labels None).
-
-    Draws its random numbers exactly as the naive sampler does (one mixture_noise per pixel,
-    in raster order), so both give the same images from the same generator.
-    """
-    model.eval()
-    param = next(model.parameters())
-    batch_size = labels.shape[0] if labels is not None else n
-    net = IncrementalPixelCNN(model, labels, batch_size, param.device, param.dtype)
-    size = model.config["image_size"]
-    images = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
-    for i in range(size):
-        net.start_row(i)
-        for j in range(size):
-            pixel = sample_from_discretized_mix_logistic(net.params_at(i, j), generator)
-            net.set_pixel(i, j, pixel)
-            images[:, :, i:i + 1, j:j + 1] = pixel
-            if progress is not None:
-                progress.update(1)
-    return images
