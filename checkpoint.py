@@ -7,6 +7,7 @@ reads it and a checkpoint from elsewhere cannot run code.
 import os
 import random
 import tempfile
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -88,14 +89,23 @@ def load_model(checkpoint, device):
 # --------------------------------------------------------------------------------------------
 # A training run's state
 
-# How far a run has got: saved with the weights, restored on resume.
-PROGRESS_KEYS = ("epoch", "batch_in_epoch", "step", "epoch_bpd_sum", "epoch_batches", "elapsed",
-                 "wandb_id", "best", "metrics")
+@dataclass
+class Progress:
+    """How far a training run has got; saved with its weights and restored on resume."""
+    epoch: int = 0                # completed epochs
+    batch_in_epoch: int = 0       # batches done in the epoch under way
+    step: int = 0
+    epoch_bpd_sum: float = 0.0    # the epoch's training bits/dim so far, summed over batches
+    epoch_batches: int = 0
+    elapsed: float = 0.0          # seconds of training, over all sessions, at the last save
+    wandb_id: str = ""
+    best: float = None            # the best value of config["best_metric"] so far
+    metrics: dict = None          # the last evaluation's
 
 
 def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_per_rank, world_size):
-    """-> the checkpoint dict of a training run. `progress` holds PROGRESS_KEYS; `ema` is an
-    AveragedModel; `rng_per_rank` is every process's rng_state() under DDP, else None."""
+    """-> the checkpoint dict of a training run. `ema` is an AveragedModel; `rng_per_rank` is
+    every process's rng_state() under DDP, else None."""
     return {
         "model": model.state_dict(),
         "ema": ema.module.state_dict(),
@@ -103,7 +113,7 @@ def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "config": dict(config),
-        **{key: progress[key] for key in PROGRESS_KEYS},
+        **asdict(progress),
         "rng": rng,
         "rng_per_rank": rng_per_rank,
         "world_size": world_size,
@@ -112,10 +122,10 @@ def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_
 
 
 def restore_training_state(state, model, ema, optimizer, scheduler, source):
-    """Load a training_state() dict into the objects; -> its progress dict. CheckpointError names
+    """Load a training_state() dict into the objects; -> its Progress. CheckpointError names
     `source` when the dict is not a train.py checkpoint or does not fit the objects."""
-    missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *PROGRESS_KEYS)
-               if key not in state]
+    keys = [f.name for f in fields(Progress)]
+    missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *keys) if key not in state]
     if missing:
         raise CheckpointError(f"{source}: cannot resume from it: not a train.py checkpoint "
                               f"(no {missing[0]!r}); it can still be used for classify/sample")
@@ -127,7 +137,7 @@ def restore_training_state(state, model, ema, optimizer, scheduler, source):
         scheduler.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{source}: cannot resume from it ({first_line(err)})") from None
-    return {key: state[key] for key in PROGRESS_KEYS}
+    return Progress(**{key: state[key] for key in keys})
 
 
 def restore_rng(state, rank, world_size):

@@ -23,8 +23,13 @@ list_image_folder(folder) -> list[(id, -1)]  every image under folder, recursive
 load_images(paths, image_size, progress=None) -> uint8 [N, 3, S, S]  RGB, resized (antialiased
     bilinear); DataError naming the file for a corrupt or non-image file.
 to_model_input(uint8 [..., 3, H, W]) -> float32 in [-1, 1] (x / 127.5 - 1, the 256 levels)
+random_hflip(x [B, C, H, W], seed) -> x with each image mirrored left-right with probability 1/2
 LabelledImages(images_uint8, labels)      torch Dataset -> (x float [3, H, W] in [-1, 1], label int)
 split_train_val(items, val_fraction, seed) -> (train_items, val_items)  seeded, stratified per label
+load_labelled_split(root, split, image_size, num_classes=None, progress=None) -> (items, uint8 images)
+load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
+               progress=None) -> (train LabelledImages, val LabelledImages or None, source)
+    val is <root>/<val_split>.csv where it exists, else a split_train_val of the training CSV.
 make_demo_dataset(root, seed=0, n_per_class=..., n_val_per_class=..., n_test_per_class=...,
                   image_size=32) -> root  the procedural demo set in the CPEN455 layout (PNG):
     root/train.csv + root/train/, root/val.csv + root/val/ (labelled), root/test.csv + root/test/
@@ -186,6 +191,12 @@ def to_model_input(images):
     return images.float() / 127.5 - 1.0
 
 
+def random_hflip(x, seed):
+    """Mirror each image of [B, C, H, W] left-right with probability 1/2, drawn from `seed`."""
+    flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5  # [B]
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
 class LabelledImages(torch.utils.data.Dataset):
     """Preloaded uint8 images [N, 3, H, W] and labels [N] -> (x float [3, H, W] in [-1, 1], label)."""
 
@@ -229,6 +240,36 @@ def split_train_val(items, val_fraction, seed):
     val = [item for i, item in enumerate(items) if i in val_indices]
     return train, val
 
+
+
+def load_labelled_split(root, split, image_size, num_classes=None, progress=None):
+    """<root>/<split>.csv with every label known -> (items, uint8 images [N, 3, S, S])."""
+    csv_path = split_csv_path(root, split)
+    items = read_split_csv(root, csv_path, num_classes=num_classes, allow_unknown=False)
+    return items, load_images(item_paths(root, csv_path, items), image_size, progress)
+
+
+def load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
+                   progress=None):
+    """-> (train LabelledImages, val LabelledImages or None, where the validation images came from).
+    Validation is <root>/<val_split>.csv where it exists, else split_train_val(val_fraction, seed)."""
+    if val_split and os.path.isfile(split_csv_path(root, val_split)):
+        train_items, images = load_labelled_split(root, train_split, image_size, num_classes, progress)
+        val_items, val_images = load_labelled_split(root, val_split, image_size, num_classes, progress)
+        source = f"{val_split}.csv"
+    else:
+        items, all_images = load_labelled_split(root, train_split, image_size, num_classes, progress)
+        train_items, val_items = split_train_val(items, val_fraction, seed)
+        index = {item_id: i for i, (item_id, _) in enumerate(items)}
+        images = all_images[[index[item_id] for item_id, _ in train_items]]
+        val_images = all_images[[index[item_id] for item_id, _ in val_items]]
+        source = f"{val_fraction:g} of {train_split}.csv"
+    if not train_items:
+        raise DataError(f"{split_csv_path(root, train_split)}: no training images left after the "
+                        f"validation split")
+    train = LabelledImages(images, [label for _, label in train_items])
+    val = LabelledImages(val_images, [label for _, label in val_items]) if val_items else None
+    return train, val, source
 
 # ---------------------------------------------------------------------------------------------
 # The procedural demo data set.

@@ -1,5 +1,6 @@
 """The likelihood: the discretized mixture of logistics, bits/dim, scoring under every label,
-Bayes' rule. No I/O, and no import of the model: it takes any callable model(x, labels).
+Bayes' rule, and the training loss built from them. No I/O, and no import of the model: the
+functions take any callable model(x, labels).
 
 Mixture parameters are [B, 10*M, H, W]: channels 0..M-1 are the mixture logits; the rest view as
 [B, 3 (mean, log-scale, coefficient), 3 (R, G, B), M, H, W]. The coefficients tie G's mean to R,
@@ -128,3 +129,23 @@ def log_posterior(log_likelihoods, log_prior=None):
     if log_prior is not None:
         joint = joint + torch.as_tensor(log_prior, dtype=torch.float64, device=joint.device)
     return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+
+def training_loss(net, x, y, num_classes, cls_loss_weight, cls_batch_size=0):
+    """-> (loss, mean bits/dim under the true labels). The loss is that bits/dim, plus
+    cls_loss_weight x the cross-entropy of the label posterior of the first cls_batch_size images
+    (0: all of them). Those images are scored under every label, the rest under their true label
+    only, all in one forward pass: B + S*(K-1) images instead of K*B."""
+    if cls_loss_weight == 0:
+        nll = discretized_mix_logistic_nll(x, net(x, y if num_classes else None))
+        bpd = bits_per_dim(nll.float(), x.shape[1:]).mean()
+        return bpd, bpd
+    S = min(cls_batch_size or len(x), len(x))
+    scored = torch.cat([x[:S].repeat(num_classes, 1, 1, 1), x[S:]])  # [K*S + B-S, C, H, W]
+    labels = torch.cat([torch.arange(num_classes, device=x.device).repeat_interleave(S), y[S:]])
+    nll_all = discretized_mix_logistic_nll(scored, net(scored, labels))
+    ll = -nll_all[:num_classes * S].view(num_classes, S).T  # [S, K], label-major as class_log_likelihoods
+    nll = torch.cat([-ll.gather(1, y[:S, None]).squeeze(1), nll_all[num_classes * S:]])  # [B]
+    ce = F.nll_loss(log_posterior(ll.float()), y[:S])
+    bpd = bits_per_dim(nll.float(), x.shape[1:]).mean()
+    return bpd + cls_loss_weight * ce, bpd

@@ -62,7 +62,10 @@ def matmul_rate(dtype, n=2048, repeats=10):
 
 def step_function(model, config, variant, batch_size, device):
     """A closure running one training step of `model` on a fixed random batch."""
-    from train import training_loss  # from the code under test (see --code)
+    try:
+        from utils import training_loss  # from the code under test (see --code)
+    except ImportError:  # code from before the loss moved to utils.py
+        from train import training_loss
     size, K = config["image_size"], config["num_classes"]
     x = torch.randint(0, 256, (batch_size, 3, size, size), device=device) / 127.5 - 1
     y = torch.randint(0, max(K, 1), (batch_size,), device=device)
@@ -107,7 +110,11 @@ def reference_flops(model, step):
 def measure(config, variant, steps, batch_size, device):
     import utils  # from the code under test (see --code)
     from model import MODEL_DEFAULTS, build_model
-    getattr(utils, "reuse_freed_memory", lambda: None)()  # as train.py does, where the code has it
+    try:
+        import config as where
+    except ImportError:  # code from before config.py
+        where = utils
+    getattr(where, "reuse_freed_memory", lambda: None)()  # as train.py does, where the code has it
     torch.manual_seed(0)
     model = build_model({k: v for k, v in config.items() if k in MODEL_DEFAULTS}).to(device)
     step = step_function(model, config, variant, batch_size, device)

@@ -1,8 +1,76 @@
 """The training config (one table of keys), the command line, and the machine."""
+import os
 import subprocess
 import sys
 
 import pytest
+import yaml
+
+from config import (DEFAULTS, UsageError, merge_on_resume, parse_duration, parse_training_args,
+                    training_parser, validate_config)
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def parse(argv):
+    """What train.py makes of a command line (without --resume): defaults, then YAML, then flags."""
+    from_yaml, from_flags = parse_training_args(training_parser("train.py", ""), argv)
+    return validate_config({**DEFAULTS, **from_yaml, **from_flags})
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 5\nlr: 1e-3\nbatch_size: 4\n")
+    config = parse(["--config", str(path), "--batch_size", "7", "--max-time=2h", "--amp"])
+    assert config["epochs"] == 5 and config["lr"] == 0.001 and config["batch_size"] == 7
+    assert config["amp"] is True and config["max_time"] == "2h" and config["nr_resnet"] == 1
+    assert parse_duration("45m") == 2700 and parse_duration("1h30m") == 5400
+    assert parse_duration("90s") == 90 and parse_duration(None) is None
+
+
+def test_shipped_configs_are_valid():
+    with open(os.path.join(REPO, "configs", "demo.yaml")) as f:
+        assert yaml.safe_load(f) == DEFAULTS  # the demo config is the embedded default
+    for name in ("seed", "cpen455"):
+        config = parse(["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
+        assert config["num_classes"] == 4 and config["image_size"] == 32
+    seed = parse(["--config", os.path.join(REPO, "configs", "seed.yaml")])
+    assert (seed["embedding_dim"], seed["block_conditioning"], seed["nr_resnet"], seed["nr_filters"],
+            seed["nr_logistic_mix"], seed["batch_size"]) == (32, "none", 2, 160, 10, 16)
+
+
+def test_the_defaults_are_valid_and_every_key_is_a_flag():
+    assert validate_config(DEFAULTS) == DEFAULTS
+    help_text = training_parser("train.py", "").format_help()
+    for name in DEFAULTS:
+        assert f"--{name.replace('_', '-')}" in help_text
+    assert parse(["--data_dir", "x", "--nr-resnet", "2"])["data_dir"] == "x"  # dashes or underscores
+
+
+def test_values_are_checked_against_the_table():
+    assert parse(["--epochs", "3.0", "--lr", "1e-4", "--grad-clip", "null"])["epochs"] == 3
+    for argv, message in [(["--epochs", "0"], "'epochs' must be >= 1"),
+                          (["--lr-decay", "1.5"], "'lr_decay' must be > 0 and <= 1"),
+                          (["--grad-clip", "0"], "'grad_clip' must be > 0 or null"),
+                          (["--amp", "yes please"], "'amp' must be true or false"),
+                          (["--nr-filters", "null"], "'nr_filters' cannot be null"),
+                          (["--device", "tpu"], "'device' must be one of")]:
+        with pytest.raises(UsageError, match=message):
+            parse(argv)
+
+
+def test_flags_are_never_guessed_from_a_prefix(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--lr-dec", "0.9"])
+    assert exit_info.value.code == 2 and "--lr-dec" in capsys.readouterr().err
+
+
+def test_resuming_keeps_the_stored_config_but_not_a_new_model():
+    stored = {**DEFAULTS, "lr": 0.01, "nr_filters": 32}
+    merged = merge_on_resume(stored, {"epochs": 20}, "run/last.pt")
+    assert merged["lr"] == 0.01 and merged["epochs"] == 20 and merged["resume"] == "run/last.pt"
+    with pytest.raises(UsageError, match="'nr_filters' is 16 but the checkpoint run/last.pt"):
+        merge_on_resume(stored, {"nr_filters": 16}, "run/last.pt")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")

@@ -235,3 +235,14 @@ def test_real_cpen455_csvs():
     paths = ds.item_paths(REAL_ROOT, ds.split_csv_path(REAL_ROOT, "train"), train[:16])
     images = ds.load_images(paths, 32)
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8
+
+
+def test_random_hflip_mirrors_about_half_the_batch_reproducibly():
+    x = torch.randn(200, 3, 4, 4)
+    out = ds.random_hflip(x, seed=7)
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(m != k for m, k in zip(mirrored, kept))  # each image is one or the other
+    assert 70 < sum(mirrored) < 130
+    assert torch.equal(out, ds.random_hflip(x, seed=7))
+    assert not torch.equal(out, ds.random_hflip(x, seed=8))

@@ -14,11 +14,13 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 import dataset  # noqa: E402
 import train  # noqa: E402
+import utils  # noqa: E402
+from utils import training_loss  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 TINY = ["--nr-resnet", "1", "--nr-filters", "8", "--nr-logistic-mix", "2", "--embedding-dim", "4",
         "--image-size", "8", "--dropout", "0.2", "--batch-size", "8", "--eval-batch-size", "16",
-        "--samples-per-class", "0", "--make-demo-data", "false", "--wandb", "disabled",
+        "--samples-per-class", "0", "--wandb", "disabled",
         "--lr", "0.002", "--ema-decay", "0.9"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
@@ -35,8 +37,8 @@ def args(data, out, *extra):
     return [*TINY, "--data-dir", data, "--out-dir", str(out), *map(str, extra)]
 
 
-def run_cli(argv, timeout=120, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO, env=ENV,
+def run_cli(argv, timeout=120, cwd=REPO, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
@@ -82,29 +84,6 @@ def test_config_errors_name_the_key(tmp_path, capsys):
         assert len(err) == 1 and name in err[0], (argv, err)
 
 
-def test_precedence_defaults_yaml_cli(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("epochs: 5\nlr: 1e-3\nbatch_size: 4\n")
-    config, state = train.resolve_config(["--config", str(path), "--batch_size", "7", "--max-time=2h",
-                                          "--amp"])
-    assert state is None
-    assert config["epochs"] == 5 and config["lr"] == 0.001 and config["batch_size"] == 7
-    assert config["amp"] is True and config["max_time"] == "2h" and config["nr_resnet"] == 1
-    assert train.parse_duration("45m") == 2700 and train.parse_duration("1h30m") == 5400
-    assert train.parse_duration("90s") == 90 and train.parse_duration(None) is None
-
-
-def test_shipped_configs_are_valid():
-    with open(os.path.join(REPO, "configs", "demo.yaml")) as f:
-        assert yaml.safe_load(f) == train.DEFAULTS  # the demo config is the embedded default
-    for name in ("seed", "cpen455"):
-        config, _ = train.resolve_config(["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
-        assert config["num_classes"] == 4 and config["image_size"] == 32
-    seed, _ = train.resolve_config(["--config", os.path.join(REPO, "configs", "seed.yaml")])
-    assert (seed["embedding_dim"], seed["block_conditioning"], seed["nr_resnet"], seed["nr_filters"],
-            seed["nr_logistic_mix"], seed["batch_size"]) == (32, "none", 2, 160, 10, 16)
-
-
 def test_bad_data_stops_before_training(tmp_path, capsys):
     root = tmp_path / "data"
     (root / "train").mkdir(parents=True)
@@ -119,6 +98,17 @@ def test_bad_data_stops_before_training(tmp_path, capsys):
     assert "label 7 is outside 0..3" in capsys.readouterr().err
     assert train.main(args(str(tmp_path / "nowhere"), out)) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_missing_data_dir_is_an_error_even_with_the_demo_config(tmp_path):
+    """Only the demo's own path, data/demo, gets the demo set generated: a mistyped --data-dir
+    gives one line and exit 2, and nothing is written."""
+    result = run_cli(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--data-dir", "/no/such/dir",
+                      "--out-dir", "out"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data directory not found: /no/such/dir" in lines[0], lines
+    assert not os.path.exists("/no/such/dir") and os.listdir(tmp_path) == []
 
 
 # --- training, checkpoints and resume ------------------------------------------------------------
@@ -199,13 +189,13 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkeyp
     out = tmp_path / "out"
     assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
     before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
-    real_nll, calls = train.discretized_mix_logistic_nll, []
+    real_nll, calls = utils.discretized_mix_logistic_nll, []
 
     def poisoned(x, params):
         calls.append(1)
         nll = real_nll(x, params)
         return nll * float("nan") if len(calls) == 2 else nll
-    monkeypatch.setattr(train, "discretized_mix_logistic_nll", poisoned)
+    monkeypatch.setattr(utils, "discretized_mix_logistic_nll", poisoned)  # inside training_loss
     capsys.readouterr()
     assert train.main(args(tiny_data, out, "--epochs", "3", "--resume")) == 3
     err = capsys.readouterr().err
@@ -271,49 +261,16 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
 
 
 def test_demo_config_learns_to_classify(tmp_path):
-    """The demo config, on the generated demo data, shrunk to 16x16 and 2 epochs for speed."""
+    """The demo config, on the demo data generated at its default path (data/demo, relative to
+    where train.py runs), shrunk to 16x16 and 2 epochs for speed."""
     out = tmp_path / "out"
-    result = run_cli(["--config", "configs/demo.yaml", "--data-dir", str(tmp_path / "demo"),
-                      "--out-dir", str(out), "--image-size", "16", "--epochs", "2",
-                      "--samples-per-class", "0", "--wandb", "disabled"], timeout=300)
+    result = run_cli(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--out-dir", str(out),
+                      "--image-size", "16", "--epochs", "2", "--samples-per-class", "0", "--wandb", "disabled"],
+                     timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert os.path.isfile(tmp_path / "demo" / "train.csv")  # generated on the fly
+    assert os.path.isfile(tmp_path / "data" / "demo" / "train.csv")  # generated on the fly
     metrics = read_metrics(out)
     assert metrics[-1]["val_acc"] > 0.7, metrics  # chance is 0.25
-
-
-def test_hybrid_loss_on_a_sub_batch_matches_scoring_every_label():
-    """training_loss scores the first cls_batch_size images under every label and the rest under
-    their own: its bits/dim is that of the whole batch, its cross-entropy that of the sub-batch."""
-    from conftest import randomize_label_parameters
-    from model import build_model
-    from utils import bits_per_dim, class_log_likelihoods, log_posterior
-    torch.manual_seed(0)
-    net = randomize_label_parameters(build_model(
-        {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "num_classes": 3, "embedding_dim": 0,
-         "block_conditioning": "film", "image_size": 8, "dropout": 0.0})).eval()
-    x = torch.rand(5, 3, 8, 8) * 2 - 1
-    y = torch.tensor([0, 2, 1, 1, 0])
-    with torch.no_grad():
-        ll = class_log_likelihoods(net, x, 3)  # [5, 3]
-        bpd = bits_per_dim(-ll.gather(1, y[:, None]).squeeze(1), x.shape[1:]).mean()
-        for cls_batch_size, scored in [(0, 5), (2, 2), (5, 5), (9, 5)]:
-            loss, got_bpd = train.training_loss(net, x, y, 3, 0.5, cls_batch_size)
-            ce = torch.nn.functional.nll_loss(log_posterior(ll[:scored]), y[:scored])
-            assert torch.allclose(got_bpd, bpd, rtol=1e-5)
-            assert torch.allclose(loss.double(), bpd.double() + 0.5 * ce, rtol=1e-5)
-        assert torch.allclose(train.training_loss(net, x, y, 3, 0.0)[0], bpd, rtol=1e-5)
-
-
-def test_random_hflip_mirrors_about_half_the_batch_reproducibly():
-    x = torch.randn(200, 3, 4, 4)
-    out = train.random_hflip(x, seed=7)
-    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
-    kept = [torch.equal(o, i) for o, i in zip(out, x)]
-    assert all(m != k for m, k in zip(mirrored, kept))  # each image is one or the other
-    assert 70 < sum(mirrored) < 130
-    assert torch.equal(out, train.random_hflip(x, seed=7))
-    assert not torch.equal(out, train.random_hflip(x, seed=8))
 
 
 def test_hflip_changes_training_and_resumes_exactly(tiny_data, tmp_path):
@@ -338,9 +295,9 @@ def test_a_bf16_step_matches_float32_and_bf16_training_learns():
     net = build_model(config).to(memory_format=torch.channels_last)
     x = (torch.randint(0, 256, (16, 3, 8, 8)) / 127.5 - 1).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (16,))
-    fp32, _ = train.training_loss(net, x, y, 2, 0.0)
+    fp32, _ = training_loss(net, x, y, 2, 0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16, _ = train.training_loss(net, x, y, 2, 0.0)
+        bf16, _ = training_loss(net, x, y, 2, 0.0)
     assert bf16.dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) < 0.01 * fp32.item()
     # 30 Adam steps from the same start, in bf16 and in float32: both learn, bf16 as well as float32.
@@ -350,11 +307,11 @@ def test_a_bf16_step_matches_float32_and_bf16_training_learns():
         optimizer = torch.optim.Adam(trained.parameters(), lr=0.005)
         for _ in range(30):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_on):
-                loss, _ = train.training_loss(trained, x, y, 2, 0.0)
+                loss, _ = training_loss(trained, x, y, 2, 0.0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        final[bf16_on] = train.training_loss(trained, x, y, 2, 0.0)[0].item()  # scored in float32
+        final[bf16_on] = training_loss(trained, x, y, 2, 0.0)[0].item()  # scored in float32
     assert final[False] < 0.85 * fp32.item()
     assert final[True] < final[False] * 1.03, final
 

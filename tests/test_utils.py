@@ -1,4 +1,4 @@
-"""The mixture likelihood, sampling one pixel, bits/dim, scoring under every label, Bayes' rule."""
+"""The mixture likelihood, sampling one pixel, bits/dim, scoring under every label, Bayes' rule, the loss."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,7 @@ from conftest import randomize_label_parameters
 from model import build_model
 from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic_log_probs,
                    discretized_mix_logistic_nll, log_posterior, sample_from_discretized_mix_logistic,
-                   snap_to_levels)
+                   snap_to_levels, training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
@@ -213,3 +213,23 @@ def test_sampled_colours_follow_the_likelihood_chi_square_on_the_joint():
     f_exp = np.append(expected[keep], 1 - expected[keep].sum()) * N
     assert keep.sum() > 100  # the test compares a real joint, not a handful of cells
     assert chisquare(f_obs, f_exp).pvalue > 1e-4
+
+
+def test_hybrid_loss_on_a_sub_batch_matches_scoring_every_label():
+    """training_loss scores the first cls_batch_size images under every label and the rest under
+    their own: its bits/dim is that of the whole batch, its cross-entropy that of the sub-batch."""
+    torch.manual_seed(0)
+    net = randomize_label_parameters(build_model(
+        {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "num_classes": 3, "embedding_dim": 0,
+         "block_conditioning": "film", "image_size": 8, "dropout": 0.0})).eval()
+    x = torch.rand(5, 3, 8, 8) * 2 - 1
+    y = torch.tensor([0, 2, 1, 1, 0])
+    with torch.no_grad():
+        ll = class_log_likelihoods(net, x, 3)  # [5, 3]
+        bpd = bits_per_dim(-ll.gather(1, y[:, None]).squeeze(1), x.shape[1:]).mean()
+        for cls_batch_size, scored in [(0, 5), (2, 2), (5, 5), (9, 5)]:
+            loss, got_bpd = training_loss(net, x, y, 3, 0.5, cls_batch_size)
+            ce = torch.nn.functional.nll_loss(log_posterior(ll[:scored]), y[:scored])
+            assert torch.allclose(got_bpd, bpd, rtol=1e-5)
+            assert torch.allclose(loss.double(), bpd.double() + 0.5 * ce, rtol=1e-5)
+        assert torch.allclose(training_loss(net, x, y, 3, 0.0)[0], bpd, rtol=1e-5)
