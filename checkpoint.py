@@ -16,6 +16,9 @@ from config import UsageError
 from model import MODEL_DEFAULTS, build_model
 
 
+TEMP_PREFIX = ".tmp-"  # of the files atomic_write writes before it moves them into place
+
+
 class CheckpointError(UsageError):
     """A checkpoint file that is missing, unreadable, or not one of ours."""
 
@@ -27,7 +30,7 @@ def atomic_write(path, write):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -41,6 +44,14 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_cut_short_writes(directory):
+    """Create `directory`, or delete the temp files that killed atomic_writes left in it."""
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.startswith(TEMP_PREFIX):
+            os.remove(os.path.join(directory, name))
 
 
 def save_checkpoint(path, state):

@@ -26,14 +26,15 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import dataset
-from checkpoint import (Progress, load_checkpoint, restore_rng, restore_training_state, rng_state,
-                        save_checkpoint, seed_everything, training_state)
+from checkpoint import (Progress, load_checkpoint, remove_cut_short_writes, restore_rng,
+                        restore_training_state, rng_state, save_checkpoint, seed_everything,
+                        training_state)
 from config import (DEFAULTS, UsageError, merge_on_resume, native_bf16, parse_duration,
                     parse_training_args, report, resolve_device, resume_path, reuse_freed_memory,
                     training_parser, validate_config)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
-from sampling import generate_cached
+from sampling import generate
 from utils import bits_per_dim, class_log_likelihoods, discretized_mix_logistic_nll, training_loss
 
 PROG = "train.py"
@@ -116,15 +117,6 @@ def evaluate(model, data, config, device, show_progress):
     return bpd, (correct / n if K else None)
 
 
-def sample_grid(model, config, device, seed):
-    """samples_per_class images per class (one row each), [K * n, 3, S, S] in [-1, 1], drawn with
-    the cached sampler (equal to a full forward pass per pixel, much faster)."""
-    K, n = config["num_classes"], config["samples_per_class"]
-    labels = torch.arange(K, device=device).repeat_interleave(n) if K else None
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return generate_cached(model, labels, generator, n=None if K else n)
-
-
 def start_wandb(config, run_id, log):
     """-> a wandb run (offline unless asked and logged in), or None; never stops training."""
     mode = config["wandb"]
@@ -156,9 +148,7 @@ def start_wandb(config, run_id, log):
 # Training
 
 class Stop(Exception):
-    def __init__(self, code):
-        super().__init__(code)
-        self.code = code
+    """Ends the run with exit code args[0]."""
 
 
 class Trainer:
@@ -213,10 +203,7 @@ class Trainer:
         self.log(f"model: {n_params:,} parameters; data: {description}; device: {self.device}"
                  f"{f' x {self.world_size} processes' if self.distributed else ''}; out_dir: {c['out_dir']}")
         if self.is_main:
-            os.makedirs(c["out_dir"], exist_ok=True)
-            for name in os.listdir(c["out_dir"]):  # temp files of saves cut short by a kill
-                if name.startswith(".tmp-") and name.endswith(".pt"):
-                    os.remove(os.path.join(c["out_dir"], name))
+            remove_cut_short_writes(c["out_dir"])
             with open(os.path.join(c["out_dir"], "config.yaml"), "w") as f:
                 yaml.safe_dump(c, f, sort_keys=False)
             self.wandb_run = start_wandb(c, self.progress.wandb_id, self.log)
@@ -394,9 +381,12 @@ class Trainer:
     def write_samples(self):
         if self.is_main:
             import torchvision
-            x = sample_grid(self.ema.module, self.config, self.device, self.config["seed"])
-            path = os.path.join(self.config["out_dir"], f"samples_epoch{self.progress.epoch:04d}.png")
-            torchvision.utils.save_image((x + 1) / 2, path, nrow=self.config["samples_per_class"] or 8)
+            c = self.config
+            K, n = c["num_classes"], c["samples_per_class"]  # one row of n per class
+            labels = torch.arange(K).repeat_interleave(n) if K else None
+            images = generate(self.ema.module, labels, seed=c["seed"], n=None if K else n)  # cached sampler
+            path = os.path.join(c["out_dir"], f"samples_epoch{self.progress.epoch:04d}.png")
+            torchvision.utils.save_image(images.float() / 255, path, nrow=n)
             self.log(f"samples: {path}")
             if self.wandb_run is not None:
                 import wandb
@@ -422,28 +412,22 @@ class Trainer:
             save_checkpoint(os.path.join(self.config["out_dir"], name), state)
 
     def resume(self, state):
-        c = self.config
-        self.progress = restore_training_state(state, self.model, self.ema, self.optimizer, self.scheduler,
-                                               c["resume"])
-        self.elapsed_before = self.progress.elapsed
-        if self.progress.metrics is not None:
-            self.evaluated_at = (self.progress.metrics["epoch"], self.progress.metrics["step"])
-        self.apply_new_schedule(state["config"])
+        c, stored = self.config, state["config"]
+        p = self.progress = restore_training_state(state, self.model, self.ema, self.optimizer,
+                                                   self.scheduler, c["resume"])
+        self.elapsed_before = p.elapsed
+        if p.metrics is not None:
+            self.evaluated_at = (p.metrics["epoch"], p.metrics["step"])
         restore_rng(state, self.rank, self.world_size)
-        self.log(f"resumed from {c['resume']}: epoch {self.progress.epoch}, batch "
-                 f"{self.progress.batch_in_epoch}, step {self.progress.step}")
-
-    def apply_new_schedule(self, stored):
-        """A resumed run given another lr restarts the decay from it; another lr_decay decays at
-        that rate from here on. Without this the optimizer and scheduler states would silently
-        keep the old ones."""
-        c = self.config
+        # A new lr restarts the decay from it, a new lr_decay decays at that rate from here on:
+        # the optimizer's and scheduler's states would silently keep the old ones.
         if c["lr"] != stored.get("lr"):
             for group in self.optimizer.param_groups:
                 group["lr"] = c["lr"]
             self.scheduler.base_lrs = [c["lr"]] * len(self.optimizer.param_groups)
             self.log(f"lr restarts at {c['lr']} (was {stored.get('lr')} when the run began)")
         self.scheduler.gamma = c["lr_decay"]
+        self.log(f"resumed from {c['resume']}: epoch {p.epoch}, batch {p.batch_in_epoch}, step {p.step}")
 
     @contextlib.contextmanager
     def signals_caught(self):
@@ -477,7 +461,7 @@ def main(argv=None):
     except UsageError as err:  # also DataError and CheckpointError
         code = report(PROG, err)
     except Stop as stop:
-        code = stop.code
+        code = stop.args[0]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
