@@ -16,12 +16,12 @@ import ctypes.util
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import yaml
 
-from model import MODEL_DEFAULTS, validate_model_config
+from model import MODEL_DEFAULTS, MODEL_KEYS, Key, validate_model_config
 
 EXIT_USER_ERROR = 2
 
@@ -44,47 +44,32 @@ def report(prog, err):
 
 
 # --------------------------------------------------------------------------------------------
-# The training config: one table
+# The training config: one table of keys (model.Key: type, default, help, allowed values)
 
-@dataclass(frozen=True)
-class Key:
-    name: str
-    type: type            # int, float, bool or str; values are checked and converted to it
-    default: object
-    help: str
-    nullable: bool = False
-    choices: tuple = ()
+# The demo's model; the model's own defaults (model.MODEL_KEYS) are the original paper's.
+DEMO_MODEL = {"nr_resnet": 1, "nr_filters": 16, "nr_logistic_mix": 5, "dropout": 0.1, "num_classes": 4,
+              "embedding_dim": 16, "block_conditioning": "film", "image_size": 32}
 
-
-KEYS = [
-    # model (see model.MODEL_DEFAULTS; model.validate_model_config checks the values)
-    Key("nr_resnet", int, 1, "gated resnets per stream per resolution"),
-    Key("nr_filters", int, 16, "channels of every layer"),
-    Key("nr_logistic_mix", int, 5, "logistic components per pixel"),
-    Key("dropout", float, 0.1, "dropout in every gated resnet"),
-    Key("num_classes", int, 4, "labels 0..num_classes-1; 0 for an unconditional model"),
-    Key("embedding_dim", int, 16, "label embedding concatenated to the input (0: none)"),
-    Key("block_conditioning", str, "film", "label conditioning inside every gated resnet",
-        choices=("none", "bias", "film")),
-    Key("image_size", int, 32, "images are resized to image_size x image_size"),
+KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     # data
     Key("data_dir", str, "data/demo", "the data set; the demo set is generated at data/demo only"),
     Key("train_split", str, "train", "<data_dir>/<train_split>.csv"),
     Key("val_split", str, "val", "<data_dir>/<val_split>.csv if it exists, else carve val_fraction",
         nullable=True),
-    Key("val_fraction", float, 0.1, "share of the training CSV held out when there is no val CSV"),
-    Key("num_workers", int, 0, "DataLoader workers"),
+    Key("val_fraction", float, 0.1, "share of the training CSV held out when there is no val CSV", "[0, 1)"),
+    Key("num_workers", int, 0, "DataLoader workers", "[0, inf)"),
     Key("hflip", bool, False, "mirror each training image left-right with probability 1/2"),
     # optimisation
-    Key("epochs", int, 8, "epochs in all (a resumed run trains up to this many)"),
-    Key("batch_size", int, 32, "images per step, per process"),
-    Key("eval_batch_size", int, 64, "images per forward pass in evaluation"),
-    Key("lr", float, 0.002, "Adam's learning rate"),
-    Key("lr_decay", float, 0.999, "multiplicative, every step"),
-    Key("grad_clip", float, None, "max gradient norm, or null", nullable=True),
-    Key("ema_decay", float, 0.99, "decay of the weight average that is evaluated and saved"),
-    Key("cls_loss_weight", float, 0.0, "weight of the label posterior's cross-entropy (nats/image)"),
-    Key("cls_batch_size", int, 0, "images per batch scored under every label for it (0: all)"),
+    Key("epochs", int, 8, "epochs in all (a resumed run trains up to this many)", "[1, inf)"),
+    Key("batch_size", int, 32, "images per step, per process", "[1, inf)"),
+    Key("eval_batch_size", int, 64, "images per forward pass in evaluation", "[1, inf)"),
+    Key("lr", float, 0.002, "Adam's learning rate", "(0, inf)"),
+    Key("lr_decay", float, 0.999, "multiplicative, every step", "(0, 1]"),
+    Key("grad_clip", float, None, "max gradient norm, or null", "(0, inf)", nullable=True),
+    Key("ema_decay", float, 0.99, "decay of the weight average that is evaluated and saved", "[0, 1)"),
+    Key("cls_loss_weight", float, 0.0, "weight of the label posterior's cross-entropy (nats/image)",
+        "[0, inf)"),
+    Key("cls_batch_size", int, 0, "images per batch scored under every label for it (0: all)", "[0, inf)"),
     Key("seed", int, 0, "seeds the weights, the data order, dropout and the samples"),
     Key("device", str, "auto", "auto picks CUDA where there is one", choices=("auto", "cpu", "cuda")),
     Key("amp", bool, False, "bf16 autocast where the device has native bf16 (CUDA; AVX512-BF16 or AMX)"),
@@ -92,10 +77,10 @@ KEYS = [
     Key("channels_last", bool, False, "channels-last memory format (faster or slower by size)"),
     # when to evaluate, save and sample (in epochs), and where
     Key("out_dir", str, "checkpoints/demo", "last.pt, best.pt, metrics.jsonl, config.yaml, samples"),
-    Key("eval_every", int, 1, "evaluate on the validation split every N epochs"),
-    Key("save_every", int, 1, "write last.pt every N epochs"),
-    Key("sample_every", int, 0, "a sample grid every N epochs; 0: at the end only"),
-    Key("samples_per_class", int, 4, "images per class in a grid; 0: no grids"),
+    Key("eval_every", int, 1, "evaluate on the validation split every N epochs", "[1, inf)"),
+    Key("save_every", int, 1, "write last.pt every N epochs", "[1, inf)"),
+    Key("sample_every", int, 0, "a sample grid every N epochs; 0: at the end only", "[0, inf)"),
+    Key("samples_per_class", int, 4, "images per class in a grid; 0: no grids", "[0, inf)"),
     Key("best_metric", str, "val_acc", "what best.pt is best at", choices=("val_acc", "val_bpd")),
     Key("max_time", str, None, "wall-clock limit: '45m', '2h', '90s', seconds, or null", nullable=True),
     Key("resume", str, None, "true (<out_dir>/last.pt) or a checkpoint path", nullable=True),
@@ -106,65 +91,25 @@ KEYS = [
 ]
 KEY_BY_NAME = {key.name: key for key in KEYS}
 DEFAULTS = {key.name: key.default for key in KEYS}
-assert set(MODEL_DEFAULTS) <= set(DEFAULTS)
-
-# Lower bounds of the numeric keys (inclusive unless the bound is in OPEN); upper bounds below.
-AT_LEAST = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "lr": 0, "lr_decay": 0, "ema_decay": 0,
-            "val_fraction": 0, "cls_loss_weight": 0, "cls_batch_size": 0, "eval_every": 1,
-            "save_every": 1, "sample_every": 0, "samples_per_class": 0, "num_workers": 0, "grad_clip": 0}
-OPEN = {"lr", "lr_decay", "grad_clip"}
-BELOW = {"ema_decay": 1, "val_fraction": 1}  # exclusive
-AT_MOST = {"lr_decay": 1}
 
 
 def coerce(name, value):
     """Check (and gently convert) one config value to its key's type; UsageError names the key."""
-    key = KEY_BY_NAME.get(name)
-    if key is None:
+    if name not in KEY_BY_NAME:
         raise UsageError(f"unknown config key {name!r}")
-    if value is None:
-        if key.nullable:
-            return None
-        raise UsageError(f"config key {name!r} cannot be null")
     if name == "resume" and isinstance(value, bool):
         return True if value else None
     if name == "max_time" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and key.type in (int, float):
-        try:
-            value = key.type(value)  # YAML reads 1e-3 as a string
-        except ValueError:
-            pass
-    if key.type is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) != (key.type is bool) or not isinstance(value, key.type):
-        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[key.type]
-        raise UsageError(f"config key {name!r} must be {what}, got {value!r}")
-    if key.choices and value not in key.choices:
-        raise UsageError(f"config key {name!r} must be one of {list(key.choices)}, got {value!r}")
-    return value
-
-
-def check_range(name, value):
-    low, high = AT_LEAST.get(name), BELOW.get(name, AT_MOST.get(name))
-    if value is None or (low is None and high is None):
-        return
-    ok = low is None or (value > low if name in OPEN else value >= low)
-    ok = ok and (high is None or (value < high if name in BELOW else value <= high))
-    if not ok:
-        left = "" if low is None else f"{'>' if name in OPEN else '>='} {low}"
-        right = "" if high is None else f"{'<' if name in BELOW else '<='} {high}"
-        raise UsageError(f"config key {name!r} must be {' and '.join(filter(None, (left, right)))}"
-                         f"{' or null' if KEY_BY_NAME[name].nullable else ''}, got {value!r}")
+    try:
+        return KEY_BY_NAME[name].check(value)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def validate_config(config):
     """-> the config with every value checked and converted; UsageError names the first bad key."""
     config = {name: coerce(name, value) for name, value in config.items()}
-    for name, value in config.items():
-        check_range(name, value)
     parse_duration(config["max_time"])
     try:
         validate_model_config({k: config[k] for k in MODEL_DEFAULTS})

@@ -3,44 +3,84 @@
 model(x, labels): x in [-1, 1], [B, 3, H, W]; labels [B] (None when num_classes is 0)
                   -> mixture parameters [B, 10 * nr_logistic_mix, H, W].
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from layers import (BLOCK_CONDITIONING, NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d,
                     DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, elu, right_shift)
 
-MODEL_DEFAULTS = {
-    "nr_resnet": 5,
-    "nr_filters": 160,
-    "nr_logistic_mix": 10,
-    "dropout": 0.5,
-    "num_classes": 4,
-    "embedding_dim": 32,
-    "block_conditioning": "none",
-    "image_size": 32,
-}
+@dataclass(frozen=True)
+class Key:
+    """A config key: values are checked against its type and its interval or choices."""
+    name: str
+    type: type            # int, float, bool or str
+    default: object
+    help: str
+    interval: str = ""    # for numbers: "[1, inf)", "(0, 1]", ...
+    choices: tuple = ()
+    nullable: bool = False
+
+    def check(self, value):
+        """-> value in the key's type (YAML reads 1e-3 as a string, and 3.0 is an int here);
+        ValueError naming the key when it does not fit."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError(f"config key {self.name!r} cannot be null")
+        if isinstance(value, str) and self.type in (int, float):
+            try:
+                value = self.type(value)
+            except ValueError:
+                pass
+        if self.type is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) != (self.type is bool) or not isinstance(value, self.type):
+            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.type]
+            raise ValueError(f"config key {self.name!r} must be {what}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"config key {self.name!r} must be one of {list(self.choices)}, got {value!r}")
+        if self.interval and not in_interval(value, self.interval):
+            raise ValueError(f"config key {self.name!r} must be in {self.interval}"
+                             f"{' or null' if self.nullable else ''}, got {value!r}")
+        return value
+
+
+def in_interval(value, interval):
+    """Whether `value` lies in an interval written like "[0, 1)" or "(0, inf)"."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = low <= value if interval[0] == "[" else low < value
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+MODEL_KEYS = (
+    Key("nr_resnet", int, 5, "gated resnets per stream per resolution", "[1, inf)"),
+    Key("nr_filters", int, 160, "channels of every layer", "[1, inf)"),
+    Key("nr_logistic_mix", int, 10, "logistic components per pixel", "[1, inf)"),
+    Key("dropout", float, 0.5, "dropout in every gated resnet", "[0, 1)"),
+    Key("num_classes", int, 4, "labels 0..num_classes-1; 0 for an unconditional model", "[0, inf)"),
+    Key("embedding_dim", int, 32, "label embedding concatenated to the input (0: none)", "[0, inf)"),
+    Key("block_conditioning", str, "none", "label conditioning inside every gated resnet",
+        choices=BLOCK_CONDITIONING),
+    Key("image_size", int, 32, "images are image_size x image_size, a multiple of 4", "[4, inf)"),
+)
+MODEL_DEFAULTS = {key.name: key.default for key in MODEL_KEYS}
 NUM_RESOLUTIONS = 3  # 32, 16, 8 for a 32x32 input
 
 
 def validate_model_config(config):
-    """Fill in defaults and check every key and value; errors name the key and what is allowed."""
+    """Fill in defaults and check every key and value; ValueError names the key and what is allowed."""
     unknown = sorted(set(config) - set(MODEL_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown model config key {unknown[0]!r}; allowed: {sorted(MODEL_DEFAULTS)}")
     config = {**MODEL_DEFAULTS, **config}
-    for key in ("nr_resnet", "nr_filters", "nr_logistic_mix", "image_size"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise ValueError(f"model config {key!r} must be a positive integer, got {config[key]!r}")
-    for key in ("num_classes", "embedding_dim"):
-        if not isinstance(config[key], int) or config[key] < 0:
-            raise ValueError(f"model config {key!r} must be an integer >= 0, got {config[key]!r}")
-    if config["block_conditioning"] not in BLOCK_CONDITIONING:
-        raise ValueError(f"model config 'block_conditioning' must be one of {list(BLOCK_CONDITIONING)}, "
-                         f"got {config['block_conditioning']!r}")
-    if not 0.0 <= float(config["dropout"]) < 1.0:
-        raise ValueError(f"model config 'dropout' must be in [0, 1), got {config['dropout']!r}")
+    config = {key.name: key.check(config[key.name]) for key in MODEL_KEYS}
     if config["image_size"] % 4:
-        raise ValueError(f"model config 'image_size' must be a multiple of 4, got {config['image_size']}")
+        raise ValueError(f"config key 'image_size' must be a multiple of 4, got {config['image_size']}")
     return config
 
 

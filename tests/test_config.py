@@ -49,9 +49,9 @@ def test_the_defaults_are_valid_and_every_key_is_a_flag():
 
 def test_values_are_checked_against_the_table():
     assert parse(["--epochs", "3.0", "--lr", "1e-4", "--grad-clip", "null"])["epochs"] == 3
-    for argv, message in [(["--epochs", "0"], "'epochs' must be >= 1"),
-                          (["--lr-decay", "1.5"], "'lr_decay' must be > 0 and <= 1"),
-                          (["--grad-clip", "0"], "'grad_clip' must be > 0 or null"),
+    for argv, message in [(["--epochs", "0"], r"'epochs' must be in \[1, inf\)"),
+                          (["--lr-decay", "1.5"], r"'lr_decay' must be in \(0, 1\]"),
+                          (["--grad-clip", "0"], r"'grad_clip' must be in \(0, inf\) or null"),
                           (["--amp", "yes please"], "'amp' must be true or false"),
                           (["--nr-filters", "null"], "'nr_filters' cannot be null"),
                           (["--device", "tpu"], "'device' must be one of")]:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import randomize_label_parameters
-from model import build_model
+from model import MODEL_DEFAULTS, build_model, validate_model_config
 
 MODES = [  # (num_classes, embedding_dim, block_conditioning)
     (0, 0, "none"),
@@ -76,6 +76,18 @@ def test_bad_config_names_the_key_and_allowed_values():
         build_model({"nr_filter": 8})
     with pytest.raises(ValueError, match="nr_resnet"):
         build_model({"nr_resnet": 0})
+
+
+def test_the_model_config_is_one_table_of_keys():
+    """Each key of MODEL_KEYS checks its type and range; values convert as YAML gives them."""
+    assert validate_model_config({"dropout": 0, "nr_filters": 8.0}) == {**MODEL_DEFAULTS, "dropout": 0.0,
+                                                                         "nr_filters": 8}
+    for bad, message in [({"dropout": 1.0}, r"'dropout' must be in \[0, 1\)"),
+                         ({"nr_filters": "many"}, "'nr_filters' must be an integer"),
+                         ({"num_classes": True}, "'num_classes' must be an integer"),
+                         ({"image_size": 6}, "'image_size' must be a multiple of 4")]:
+        with pytest.raises(ValueError, match=message):
+            validate_model_config(bad)
 
 
 def test_bad_inputs_name_what_is_wrong():
