@@ -140,8 +140,9 @@ def parse_duration(value):
 
 def training_parser(prog, description):
     """The train.py command line: --config FILE and one flag per key (dashes or underscores)."""
-    p = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                       allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, usage=f"{prog} [--config FILE] [--key [VALUE] ...]",
+                       description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="a YAML file of key: value (configs/)")
     for key in KEYS:
         flags = {f"--{key.name.replace('_', '-')}", f"--{key.name}"}
