@@ -57,6 +57,9 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("val_split", str, "val", "<data_dir>/<val_split>.csv if it exists, else carve val_fraction",
         nullable=True),
     Key("val_fraction", float, 0.1, "share of the training CSV held out when there is no val CSV", "[0, 1)"),
+    Key("report_fraction", float, 0.0, "share of the rest held out of training and of every choice, "
+        "to report on (<out_dir>/splits/report.csv)", "[0, 1)"),
+    Key("report_seed", int, 1, "seeds the report split (the validation split uses seed)"),
     Key("num_workers", int, 0, "DataLoader workers", "[0, inf)"),
     Key("hflip", bool, False, "mirror each training image left-right with probability 1/2"),
     # optimisation

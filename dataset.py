@@ -28,8 +28,10 @@ LabelledImages(images_uint8, labels)      torch Dataset -> (x float [3, H, W] in
 split_train_val(items, val_fraction, seed) -> (train_items, val_items)  seeded, stratified per label
 load_labelled_split(root, split, image_size, num_classes=None, progress=None) -> (items, uint8 images)
 load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
-               progress=None) -> (train LabelledImages, val LabelledImages or None, source)
-    val is <root>/<val_split>.csv where it exists, else a split_train_val of the training CSV.
+               progress=None, report_fraction=0.0, report_seed=1)
+    -> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, source)
+    val is <root>/<val_split>.csv where it exists, else a split_train_val of the training CSV;
+    the report split, a split_train_val of the rest, is held out of training and of every choice.
 make_demo_dataset(root, seed=0, n_per_class=..., n_val_per_class=..., n_test_per_class=...,
                   image_size=32) -> root  the procedural demo set in the CPEN455 layout (PNG):
     root/train.csv + root/train/, root/val.csv + root/val/ (labelled), root/test.csv + root/test/
@@ -250,26 +252,44 @@ def load_labelled_split(root, split, image_size, num_classes=None, progress=None
 
 
 def load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
-                   progress=None):
-    """-> (train LabelledImages, val LabelledImages or None, where the validation images came from).
-    Validation is <root>/<val_split>.csv where it exists, else split_train_val(val_fraction, seed)."""
+                   progress=None, report_fraction=0.0, report_seed=1):
+    """-> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, where
+    val came from). Validation is <root>/<val_split>.csv where it exists, else
+    split_train_val(val_fraction, seed). The report split, split_train_val(report_fraction,
+    report_seed) of what is left, is held out of training and of every choice: only its
+    (id, label) items are returned, for classify.py."""
     if val_split and os.path.isfile(split_csv_path(root, val_split)):
-        train_items, images = load_labelled_split(root, train_split, image_size, num_classes, progress)
+        items, images = load_labelled_split(root, train_split, image_size, num_classes, progress)
         val_items, val_images = load_labelled_split(root, val_split, image_size, num_classes, progress)
-        source = f"{val_split}.csv"
+        train_items, source = items, f"{val_split}.csv"
     else:
-        items, all_images = load_labelled_split(root, train_split, image_size, num_classes, progress)
+        items, images = load_labelled_split(root, train_split, image_size, num_classes, progress)
         train_items, val_items = split_train_val(items, val_fraction, seed)
-        index = {item_id: i for i, (item_id, _) in enumerate(items)}
-        images = all_images[[index[item_id] for item_id, _ in train_items]]
-        val_images = all_images[[index[item_id] for item_id, _ in val_items]]
-        source = f"{val_fraction:g} of {train_split}.csv"
+        val_images, source = None, f"{val_fraction:g} of {train_split}.csv"
+    train_items, report_items = split_train_val(train_items, report_fraction, report_seed)
     if not train_items:
         raise DataError(f"{split_csv_path(root, train_split)}: no training images left after the "
-                        f"validation split")
-    train = LabelledImages(images, [label for _, label in train_items])
-    val = LabelledImages(val_images, [label for _, label in val_items]) if val_items else None
-    return train, val, source
+                        f"validation and report splits")
+    index = {item_id: i for i, (item_id, _) in enumerate(items)}
+
+    def images_of(chosen):  # uint8 [len(chosen), 3, S, S]
+        return images[[index[item_id] for item_id, _ in chosen]]
+    train = LabelledImages(images_of(train_items), [label for _, label in train_items])
+    val = None
+    if val_items:
+        val = LabelledImages(images_of(val_items) if val_images is None else val_images,
+                             [label for _, label in val_items])
+    train_csv = split_csv_path(root, train_split)
+    val_csv = train_csv if val_images is None else split_csv_path(root, val_split)
+    held_out = {"val": root_relative(root, val_csv, val_items),
+                "report": root_relative(root, train_csv, report_items)}
+    return train, val, held_out, source
+
+
+def root_relative(root, csv_path, items):
+    """The items with ids relative to root ("/"-separated), which a CSV anywhere can list."""
+    return [(os.path.relpath(image_path(root, csv_path, item_id), root).replace(os.sep, "/"), label)
+            for item_id, label in items]
 
 # ---------------------------------------------------------------------------------------------
 # The procedural demo data set.

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import dataset
-from checkpoint import (Progress, load_checkpoint, remove_cut_short_writes, restore_rng,
+from checkpoint import (Progress, atomic_write, load_checkpoint, remove_cut_short_writes, restore_rng,
                         restore_training_state, rng_state, save_checkpoint, seed_everything,
                         training_state)
 from config import (DEFAULTS, UsageError, merge_on_resume, native_bf16, parse_duration,
@@ -57,8 +57,9 @@ def resolve_config(argv):
 # Data
 
 def load_data(config, is_main):
-    """-> (train LabelledImages, val LabelledImages or None, a one-line description). The demo
-    set is generated only at its own default path: a mistyped --data-dir is an error."""
+    """-> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, a
+    one-line description). The demo set is generated only at its own default path: a mistyped --data-dir
+    is an error."""
     root = config["data_dir"]
     if os.path.normpath(root) == os.path.normpath(DEFAULTS["data_dir"]) and (
             not os.path.isfile(dataset.split_csv_path(root, config["train_split"]))
@@ -69,10 +70,13 @@ def load_data(config, is_main):
             dist.barrier()
     if not os.path.isdir(root):
         raise dataset.DataError(f"data directory not found: {root}")
-    train, val, source = dataset.load_train_val(
+    train, val, held_out, source = dataset.load_train_val(
         root, config["train_split"], config["val_split"], config["val_fraction"], config["seed"],
-        config["image_size"], config["num_classes"] or None, progress=None if is_main else False)
-    return train, val, f"{len(train)} training images, {len(val) if val else 0} validation images ({source})"
+        config["image_size"], config["num_classes"] or None, progress=None if is_main else False,
+        report_fraction=config["report_fraction"], report_seed=config["report_seed"])
+    description = (f"{len(train)} training images, {len(val) if val else 0} validation images ({source}), "
+                   f"{len(held_out['report'])} held out to report on")
+    return train, val, held_out, description
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ class Trainer:
 
     def setup(self):
         c = self.config
-        self.train_data, self.val_data, description = load_data(c, self.is_main)
+        self.train_data, self.val_data, self.held_out, description = load_data(c, self.is_main)
         seed_everything(c["seed"])
         self.model = build_model({k: c[k] for k in MODEL_DEFAULTS}).to(self.device)
         if c["channels_last"]:
@@ -204,9 +208,18 @@ class Trainer:
                  f"{f' x {self.world_size} processes' if self.distributed else ''}; out_dir: {c['out_dir']}")
         if self.is_main:
             remove_cut_short_writes(c["out_dir"])
+            self.write_splits()
             with open(os.path.join(c["out_dir"], "config.yaml"), "w") as f:
                 yaml.safe_dump(c, f, sort_keys=False)
             self.wandb_run = start_wandb(c, self.progress.wandb_id, self.log)
+
+    def write_splits(self):
+        """<out_dir>/splits/val.csv and report.csv: the held-out images, for classify.py --csv."""
+        for name, items in self.held_out.items():
+            if items:
+                text = "".join(f"{item_id},{label}\n" for item_id, label in items)
+                atomic_write(os.path.join(self.config["out_dir"], "splits", f"{name}.csv"),
+                             lambda f: f.write(text.encode()))
 
     def data_dependent_init(self):
         n = len(self.train_data)

@@ -123,6 +123,36 @@ def tree_digest(root):
     return h.hexdigest()
 
 
+def test_train_val_and_report_splits_partition_the_training_csv(tmp_path):
+    """Validation is carved first (seed), the report split from the rest (report_seed); the
+    held-out items name their files relative to the root, so a CSV anywhere can list them."""
+    root = str(tmp_path / "data")
+    names = [f"{i:02d}.png" for i in range(24)]
+    for i, name in enumerate(names):
+        write_png(os.path.join(root, "train", name), color=(10 * i, 0, 0))
+    with open(os.path.join(root, "train.csv"), "w", newline="") as f:
+        f.write("".join(f"{name},{i % 2}\r\n" for i, name in enumerate(names)))  # bare names
+    train, val, held_out, source = ds.load_train_val(root, "train", "val", 0.25, 0, 8, 2, progress=False,
+                                                     report_fraction=0.25, report_seed=1)
+    assert (len(train), len(val), len(held_out["report"])) == (14, 6, 4) and source == "0.25 of train.csv"
+    val_ids, report_ids = [i for i, _ in held_out["val"]], [i for i, _ in held_out["report"]]
+    assert not set(val_ids) & set(report_ids)
+    assert all(i.startswith("train/") for i in val_ids + report_ids)
+    assert sorted(label for _, label in held_out["report"]) == [0, 0, 1, 1]  # stratified
+    listed = str(tmp_path / "elsewhere" / "report.csv")
+    os.makedirs(os.path.dirname(listed))
+    with open(listed, "w") as f:
+        f.write("".join(f"{i},{label}\n" for i, label in held_out["report"]))
+    report = ds.load_images(ds.item_paths(root, listed, ds.read_split_csv(root, listed)), 8)
+    every = ds.load_images(ds.item_paths(root, os.path.join(root, "train.csv"), [(n, 0) for n in names]), 8)
+    # the three parts hold each training image exactly once
+    parts = torch.cat([train.images, val.images, report]).flatten(1)
+    assert sorted(map(tuple, parts.tolist())) == sorted(map(tuple, every.flatten(1).tolist()))
+    again = ds.load_train_val(root, "train", "val", 0.25, 0, 8, 2, progress=False, report_fraction=0.25,
+                              report_seed=1)
+    assert again[2] == held_out and torch.equal(again[0].images, train.images)
+
+
 def test_demo_dataset_deterministic_and_readable(tmp_path):
     kwargs = dict(seed=5, n_per_class=3, n_val_per_class=2, n_test_per_class=1, image_size=16)
     a = ds.make_demo_dataset(str(tmp_path / "a"), **kwargs)

@@ -321,3 +321,16 @@ def test_amp_says_so_where_the_cpu_has_no_bf16(tiny_data, tmp_path, monkeypatch,
     assert train.main(args(tiny_data, tmp_path / "out", "--epochs", "1", "--amp", "--device", "cpu")) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amp:")]
     assert lines == ["amp: cpu has no native bf16 (on CPUs: AVX512-BF16 or AMX); training in float32"]
+
+
+def test_the_report_split_is_held_out_and_written_for_classify(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--report-fraction", "0.25")) == 0
+    assert "16 training images, 8 validation images (val.csv), 8 held out to report on" in capsys.readouterr().err
+    report = dataset.read_split_csv(tiny_data, str(out / "splits" / "report.csv"), allow_unknown=False)
+    val = dataset.read_split_csv(tiny_data, str(out / "splits" / "val.csv"), allow_unknown=False)
+    with open(os.path.join(tiny_data, "train.csv")) as f:
+        train_ids = {line.split(",")[0] for line in f}
+    assert len(report) == 8 and {i for i, _ in report} <= train_ids and not {i for i, _ in val} & train_ids
+    assert sorted(label for _, label in report) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["report_fraction"] == 0.25

@@ -1,0 +1,237 @@
+"""Judge generated samples with a small discriminative CNN: a sample-quality figure that needs no
+Inception weights (the "GAN-test" accuracy of Shmelkov et al., 2018).
+
+    python bench/sample_judge.py --samples runs/judge/samples [--data-dir ../shared/data/cpen455]
+                                 [--epochs 30] [--seed 0] [--threads N] [--save-judge judge.pt]
+                                 [--judge judge.pt] [--out result.json] [--no-progress]
+
+It trains the judge (six 3x3 convs with BatchNorm and ReLU, 287k parameters, Adam with a cosine
+decay, random mirroring and shifts) on CPEN455's labelled training images at 32x32, except the
+project's validation split (10% of train.csv, stratified, seed 0, as train.py carves it), which
+it never sees. It prints its accuracy on that split, overall and per class, then the share of
+each <samples>/ClassK/ folder (sample.py's layout) that it labels as class K, and the overall
+share, beside it. --judge PATH reuses a judge saved with --save-judge (a plain state_dict) and
+trains nothing. The same --seed and --threads give the same judge on a CPU.
+
+The figure says whether a sample shows its class to a classifier that is good on real images; it
+says nothing about diversity (one perfect image repeated would score 100%). Real FID
+(sample.py --fid-ref, with pytorch-fid's Inception weights) remains the reference where the
+weights exist.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import atomic_write  # noqa: E402  (the repository root is on the path only now)
+from config import ArgumentParser, UsageError, report  # noqa: E402
+from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
+                     read_split_csv, split_csv_path, split_train_val, to_model_input)
+
+PROG = "sample_judge.py"
+NUM_CLASSES, IMAGE_SIZE = 4, 32
+VAL_FRACTION, VAL_SEED = 0.1, 0  # train.py's split of CPEN455 (README, "Shipped checkpoints")
+WIDTHS = (32, 64, 128)  # channels at 32x32, 16x16 and 8x8
+BATCH_SIZE, LR, WEIGHT_DECAY = 64, 2e-3, 5e-4
+SHIFT = 4  # the largest random translation, in pixels
+
+
+def build_parser():
+    p = ArgumentParser(prog=PROG, description="Train a small CNN on CPEN455 (never on the validation "
+                       "split) and report the share of each class's samples that it labels as that class.")
+    p.add_argument("--data-dir", default="../shared/data/cpen455", help="a CPEN455-layout root with train.csv")
+    p.add_argument("--samples", default=None, metavar="DIR",
+                   help="sample.py's --out-dir: DIR/ClassK/*.png (without it, only the judge is scored)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="weights, batch order and augmentation (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--save-judge", default=None, metavar="PATH", help="save the trained judge's state_dict")
+    p.add_argument("--judge", default=None, metavar="PATH", help="reuse a saved judge instead of training one")
+    p.add_argument("--out", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:  # also DataError
+        return report(PROG, err)
+
+
+def run(args):
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    samples = read_samples(args.samples) if args.samples else None  # fail before minutes of training
+    (train_images, train_labels), (val_images, val_labels) = read_cpen455(args.data_dir, not args.no_progress)
+    print(f"{PROG}: {len(train_labels)} training images, {len(val_labels)} validation images "
+          f"({VAL_FRACTION:g} of train.csv, seed {VAL_SEED})")
+
+    if args.judge:
+        judge = load_judge(args.judge)
+    else:
+        start = time.perf_counter()
+        judge = train_judge(train_images, train_labels, args.epochs, args.seed, args.no_progress)
+        print(f"{PROG}: trained for {args.epochs} epochs in {time.perf_counter() - start:.0f} s "
+              f"on {torch.get_num_threads()} threads")
+        if args.save_judge:
+            atomic_write(args.save_judge, lambda f: torch.save(judge.state_dict(), f))
+
+    result = {"data_dir": args.data_dir, "judge": args.judge, "epochs": None if args.judge else args.epochs,
+              "seed": args.seed, "parameters": sum(p.numel() for p in judge.parameters()),
+              "validation": judge_set(judge, val_images, val_labels)}
+    if samples is not None:
+        result["samples_dir"] = args.samples
+        result["samples"] = judge_set(judge, *samples)
+    print_table(result)
+    if args.out:
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(args.out, lambda f: f.write(text.encode()))
+    return 0
+
+
+def check_args(args):
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.judge and args.save_judge:
+        raise UsageError("--judge reuses a saved judge and trains nothing; drop --save-judge")
+    if args.judge and not os.path.isfile(args.judge):
+        raise UsageError(f"--judge: file not found: {args.judge}")
+    if args.samples and not os.path.isdir(args.samples):
+        raise UsageError(f"--samples: folder not found: {args.samples}")
+
+
+def read_cpen455(root, progress=True):
+    """train.csv -> ((uint8 images [N, 3, 32, 32], labels [N]) for training, the same for the
+    validation split that train.py carves and never trains on)."""
+    csv_path = split_csv_path(root, "train")
+    items = read_split_csv(root, csv_path, NUM_CLASSES, allow_unknown=False)
+    parts = split_train_val(items, VAL_FRACTION, VAL_SEED)  # (training items, validation items)
+    return [(load_images(item_paths(root, csv_path, part), IMAGE_SIZE, None if progress else False),
+             torch.tensor([label for _, label in part])) for part in parts]
+
+
+def read_samples(folder):
+    """sample.py's <folder>/ClassK/*.png -> (uint8 images [N, 3, 32, 32], labels [N]). Every
+    ClassK/ folder that exists is judged (sample.py --classes draws a subset); an empty one is an error."""
+    classes = [k for k in range(NUM_CLASSES) if os.path.isdir(os.path.join(folder, class_name(k)))]
+    if not classes:
+        raise UsageError(f"--samples {folder}: no {class_name(0)}/ .. {class_name(NUM_CLASSES - 1)}/ "
+                         f"folders (the layout of sample.py --out-dir)")
+    images, labels = [], []
+    for k in classes:
+        class_folder = os.path.join(folder, class_name(k))
+        paths = [image_path(class_folder, None, item_id) for item_id, _ in list_image_folder(class_folder)]
+        images.append(load_images(paths, IMAGE_SIZE))
+        labels += [k] * len(paths)
+    return torch.cat(images), torch.tensor(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# The judge
+
+def build_judge():
+    """Two conv-BN-ReLU layers per resolution (32, 16, 8), max-pooling between, global average
+    pooling and a linear layer: [B, 3, 32, 32] in [-1, 1] -> logits [B, NUM_CLASSES]."""
+    layers, channels = [], 3
+    for i, width in enumerate(WIDTHS):
+        if i > 0:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def load_judge(path):
+    judge = build_judge()
+    try:
+        judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # a foreign or corrupt file: any error means "not a judge"
+        raise UsageError(f"--judge {path}: not a judge saved by --save-judge "
+                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    return judge
+
+
+def augment(x, generator):
+    """Mirror each image of [B, 3, H, W] left-right with probability 1/2 and shift it by up to
+    SHIFT pixels each way (edge pixels repeated): small changes that keep the class."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = nn.functional.pad(x, (SHIFT,) * 4, mode="replicate")  # [B, 3, H + 2S, W + 2S]
+    dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+
+
+def train_judge(images, labels, epochs, seed, no_progress):
+    """uint8 images [N, 3, 32, 32], labels [N] -> the trained judge, in eval mode."""
+    torch.manual_seed(seed)  # the weights' initialisation
+    generator = torch.Generator().manual_seed(seed)  # batch order and augmentation
+    judge = build_judge()
+    x_all = to_model_input(images)  # [N, 3, 32, 32] in [-1, 1]
+    steps_per_epoch = -(-len(x_all) // BATCH_SIZE)
+    optimizer = torch.optim.Adam(judge.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training the judge", unit="step",
+               disable=True if no_progress else None, dynamic_ncols=True)
+    judge.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(x_all), generator=generator)
+        for batch in order.split(BATCH_SIZE):
+            loss = nn.functional.cross_entropy(judge(augment(x_all[batch], generator)), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    bar.close()
+    return judge.eval()
+
+
+@torch.no_grad()
+def judge_set(judge, images, labels):
+    """How the judge labels uint8 images [N, 3, 32, 32] of known labels [N]: overall and per class
+    the share labelled as their own class, and per class how many went to each label."""
+    judge.eval()
+    predicted = torch.cat([judge(to_model_input(chunk)).argmax(1) for chunk in images.split(256)])  # [N]
+    per_class = {}
+    for k in labels.unique().tolist():
+        mine = predicted[labels == k]
+        per_class[class_name(k)] = {"correct": int((mine == k).sum()), "n": len(mine),
+                                    "share": int((mine == k).sum()) / len(mine),
+                                    "labelled_as": torch.bincount(mine, minlength=NUM_CLASSES).tolist()}
+    correct = int((predicted == labels).sum())
+    return {"correct": correct, "n": len(labels), "share": correct / len(labels), "per_class": per_class}
+
+
+def print_table(result):
+    """A Markdown table: per class, the judge on real validation images and on the samples."""
+    val, samples = result["validation"], result.get("samples")
+    print("| class | judge on real validation images | samples judged as their class |")
+    print("|---|---|---|")
+    rows = [(name, val["per_class"][name]) for name in val["per_class"]] + [("all", val)]
+    for name, real in rows:
+        generated = samples if name == "all" else (samples or {}).get("per_class", {}).get(name)
+        print(f"| {name} | {fraction(real)} | {fraction(generated) if generated else '-'} |")
+
+
+def fraction(r):
+    return f"{100 * r['share']:.1f}% ({r['correct']}/{r['n']})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
