@@ -87,14 +87,15 @@ def model_from_checkpoint(state, weights="ema"):
 
 
 def load_model(checkpoint, device):
-    """The EMA model of a train.py checkpoint, on `device`, in eval mode; CheckpointError otherwise."""
+    """-> (the EMA model of a train.py checkpoint, on `device`, in eval mode; the checkpoint dict);
+    CheckpointError otherwise."""
     state = load_checkpoint(checkpoint, map_location="cpu")
     try:
         model = model_from_checkpoint(state, weights="ema")
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{checkpoint}: the weights do not fit the model its config "
                               f"describes ({first_line(err)})") from None
-    return model.to(device).eval()
+    return model.to(device).eval(), state
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class Progress:
     wandb_id: str = ""
     best: float = None            # the best value of config["best_metric"] so far
     metrics: dict = None          # the last evaluation's
+    temperature: float = None     # of the posterior, fitted on the validation split at the last evaluation
 
 
 def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_per_rank, world_size):
@@ -136,7 +138,8 @@ def restore_training_state(state, model, ema, optimizer, scheduler, source):
     """Load a training_state() dict into the objects; -> its Progress. CheckpointError names
     `source` when the dict is not a train.py checkpoint or does not fit the objects."""
     keys = [f.name for f in fields(Progress)]
-    missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *keys) if key not in state]
+    required = [key for key in keys if key != "temperature"]  # older checkpoints have none
+    missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *required) if key not in state]
     if missing:
         raise CheckpointError(f"{source}: cannot resume from it: not a train.py checkpoint "
                               f"(no {missing[0]!r}); it can still be used for classify/sample")
@@ -148,7 +151,7 @@ def restore_training_state(state, model, ema, optimizer, scheduler, source):
         scheduler.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{source}: cannot resume from it ({first_line(err)})") from None
-    return Progress(**{key: state[key] for key in keys})
+    return Progress(**{key: state[key] for key in keys if key in state})
 
 
 def restore_rng(state, rank, world_size):

@@ -2,7 +2,7 @@
 
     python classify.py --checkpoint C --data-dir D [--split test] [--csv PATH] --out predictions.csv
                        [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train] [--hflip]
-                       [--logits out.npy] [--metrics-out metrics.json]
+                       [--temperature T] [--logits out.npy] [--metrics-out metrics.json]
 
 D is a CPEN455-layout root (the files and labels come from D/<split>.csv, or from --csv PATH) or a
 plain folder of images (every image under it, recursively, in sorted order). Every image is scored
@@ -11,11 +11,17 @@ resized to the model's image_size); the prediction is argmax_c log p(x|c) + log 
 --hflip each image is also scored mirrored left-right, and the prediction, the CSV's log-likelihoods
 and --logits use the mean of the two log p(x|c) (bits/dim stays that of the image as given).
 
+The posterior columns are softmax_c(log p(x|c) / T + log p(c)), with the temperature T that
+train.py fitted on its validation split and stored in the checkpoint (--temperature overrides it;
+--temperature 1 gives the model's own, near-certain posterior). The log-likelihoods stay raw.
+
 The CSV (written atomically) has the header
     id,label,loglik_Class0,...,loglik_Class{K-1},posterior_Class0,...,posterior_Class{K-1}
 and one row per input image, in input order: id exactly as the CSV (or folder) lists it, label the
 predicted class. Where every input has a known label (not -1), it prints and saves (--metrics-out)
-accuracy, per-class accuracy, macro F1, the confusion matrix and bits/dim under the true label.
+accuracy, per-class accuracy, macro F1, the confusion matrix, bits/dim under the true label and the
+posterior's calibration: ECE (15 bins), the NLL of the true label and the Brier score; beside the
+JSON, a reliability diagram as PNG (metrics.json -> metrics.png).
 
 A user's mistake (missing or foreign checkpoint, corrupt image, empty folder, bad CSV, labels the
 model does not have) ends with one line on stderr and exit code 2, and leaves no output file.
@@ -28,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import utils
@@ -38,6 +45,7 @@ from dataset import (DataError, class_name, item_paths, list_image_folder, load_
 
 PROG = "classify.py"
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # CSVs that mark a CPEN455 root
+CALIBRATION_BINS = 15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,11 +95,12 @@ def log_prior_from_labels(labels, num_classes):
         return np.log(counts / counts.sum())
 
 
-def predict(log_likelihoods, log_prior=None):
-    """(predictions [N], posterior probabilities [N, K]) from log p(x|c) [N, K] and log p(c) [K]."""
+def predict(log_likelihoods, log_prior=None, temperature=1.0):
+    """(predictions [N], posterior probabilities [N, K]) from log p(x|c) [N, K] and log p(c) [K]
+    at `temperature` (which changes no prediction under a uniform prior)."""
     loglik = torch.as_tensor(np.asarray(log_likelihoods, dtype=np.float64))
     prior = None if log_prior is None else torch.as_tensor(np.asarray(log_prior, dtype=np.float64))
-    log_post = utils.log_posterior(loglik, prior)
+    log_post = utils.log_posterior(loglik, prior, temperature)
     return log_post.argmax(dim=1).numpy(), log_post.exp().numpy()
 
 
@@ -128,6 +137,41 @@ def score_images(model, images, num_classes, batch_size, device, progress=True, 
         bar.close()
     return out
 
+
+def reliability_diagram(posteriors, labels, title, bins=CALIBRATION_BINS, size=420):
+    """A PIL image: per bin of the top posterior, the accuracy (blue bars) against the mean
+    confidence (red outline: the gap), the diagonal of perfect calibration, and under it the share
+    of images in each bin (grey). Pillow draws it: the project does not depend on matplotlib."""
+    count, confidence, accuracy = (t.numpy() for t in utils.reliability(posteriors, labels, bins))
+    margin, strip = 48, 60  # the axes' margin; the height of the histogram strip under the plot
+    image = Image.new("RGB", (size + 2 * margin, size + strip + 2 * margin), "white")
+    draw = ImageDraw.Draw(image)
+    x0, y0 = margin, margin + size  # the plot's lower-left corner
+
+    def to_x(v):  # probability -> pixel
+        return x0 + v * size
+
+    def to_y(v):
+        return y0 - v * size
+    width = size / bins
+    for b in range(bins):
+        if count[b] == 0:
+            continue
+        left, right = x0 + b * width + 1, x0 + (b + 1) * width - 1
+        draw.rectangle([left, to_y(accuracy[b]), right, y0], fill=(70, 110, 200))
+        low, high = sorted((accuracy[b], confidence[b]))
+        draw.rectangle([left, to_y(high), right, to_y(low)], outline=(210, 50, 50), width=2)
+        share = count[b] / count.sum()
+        draw.rectangle([left, y0 + strip + 20 - share * strip, right, y0 + strip + 20], fill=(150, 150, 150))
+    draw.line([to_x(0), to_y(0), to_x(1), to_y(1)], fill=(90, 90, 90), width=1)
+    draw.rectangle([x0, to_y(1), to_x(1), y0], outline="black")
+    for v in (0, 0.5, 1):
+        draw.text((to_x(v) - 8, y0 + 4), f"{v:g}", fill="black")
+        draw.text((x0 - 22, to_y(v) - 6), f"{v:g}", fill="black")
+    draw.text((x0 + size / 2 - 60, y0 + strip + 26), "top posterior (confidence)", fill="black")
+    draw.text((6, margin - 30), "accuracy (blue) vs confidence (red); grey: share of images", fill="black")
+    draw.text((6, margin - 16), title, fill="black")
+    return image
 
 # ---------------------------------------------------------------------------------------------
 # Input, output.
@@ -175,6 +219,8 @@ def format_metrics(metrics):
     lines.append("per-class accuracy: " + ", ".join(per_class))
     lines.append(f"macro F1 {metrics['macro_f1']:.4f}")
     lines.append(f"bits/dim under the true label {metrics['bits_per_dim']:.4f}")
+    lines.append(f"posterior at T = {metrics['temperature']:.4g}: ECE ({CALIBRATION_BINS} bins) "
+                 f"{metrics['ece']:.4f}, NLL of the true label {metrics['nll']:.4f}, Brier {metrics['brier']:.4f}")
     width = max(len(n) for n in names + [str(int(cm.max()))]) + 1
     lines.append("confusion matrix (rows: true label, columns: prediction)")
     lines.append(" " * width + "".join(n.rjust(width) for n in names))
@@ -202,8 +248,11 @@ def build_parser():
     p.add_argument("--hflip", action="store_true",
                    help="also score each image mirrored left-right and classify by the mean of the "
                         "two log-likelihoods (twice the time)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="the posterior's temperature (default: the one stored in the checkpoint)")
     p.add_argument("--logits", default=None, help="also save log p(x|c) [N, K] (nats) as .npy")
-    p.add_argument("--metrics-out", default=None, help="save the metrics (labelled inputs) as JSON")
+    p.add_argument("--metrics-out", default=None,
+                   help="save the metrics (labelled inputs) as JSON, and a reliability diagram beside it (.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -215,11 +264,18 @@ def run(args):
                          ("--metrics-out", args.metrics_out)):
         if path is not None and os.path.isdir(path):
             raise UsageError(f"{option} {path} is a directory; give a file name")
+    if args.temperature is not None and not 0 < args.temperature < math.inf:
+        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+    model, state = load_model(args.checkpoint, device)
     num_classes = model.config["num_classes"]
     if num_classes < 1:
         raise UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
+    temperature = args.temperature or state.get("temperature")
+    if temperature is None:
+        print(f"{PROG}: {args.checkpoint} has no fitted temperature (it predates calibration): "
+              f"posteriors at T = 1, near-certain; pass --temperature T to set one")
+        temperature = 1.0
 
     items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
     log_prior = None
@@ -245,13 +301,15 @@ def run(args):
                                 progress=not args.no_progress, mirror=True)
         scores = (loglik + mirrored) / 2
     elapsed = time.perf_counter() - start
-    predictions, posteriors = predict(scores, log_prior)
+    predictions, posteriors = predict(scores, log_prior, temperature)
 
     metrics = None
     if labels.size and (labels >= 0).all():
         metrics = metrics_from_confusion(confusion_matrix(labels, predictions, num_classes))
         size = model.config["image_size"]
         metrics["bits_per_dim"] = bits_per_dim_true_label(loglik, labels, (3, size, size))
+        metrics["temperature"] = temperature
+        metrics.update(utils.calibration_metrics(posteriors, labels, bins=CALIBRATION_BINS))
         metrics["class_names"] = [class_name(c) for c in range(num_classes)]
         metrics["prior"] = args.prior
         metrics["hflip"] = args.hflip
@@ -269,6 +327,8 @@ def run(args):
         atomic_write(args.logits, lambda f: np.save(f, scores))
     if args.metrics_out is not None and metrics is not None:
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        diagram = reliability_diagram(posteriors, labels, f"T = {temperature:.3g}, ECE {metrics['ece']:.3f}")
+        atomic_write(os.path.splitext(args.metrics_out)[0] + ".png", lambda f: diagram.save(f, format="PNG"))
     atomic_write(args.out, lambda f: f.write(text.encode()))
     print(f"{PROG}: {len(items)} images in {elapsed:.1f} s ({len(items) / max(elapsed, 1e-9):.1f} "
           f"images/s) on {device}; wrote {args.out}")

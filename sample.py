@@ -87,7 +87,7 @@ def main(argv=None, extractor=None):
 def run(args, extractor=None):
     check_args(args)
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+    model, _ = load_model(args.checkpoint, device)
     num_classes, size = model.config["num_classes"], model.config["image_size"]
     classes = parse_classes(args.classes, num_classes)
 

@@ -35,7 +35,8 @@ from config import (DEFAULTS, UsageError, merge_on_resume, native_bf16, parse_du
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
-from utils import bits_per_dim, class_log_likelihoods, discretized_mix_logistic_nll, training_loss
+from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, discretized_mix_logistic_nll,
+                   fit_temperature, log_posterior, training_loss)
 
 PROG = "train.py"
 EXIT_NONFINITE = 3
@@ -96,29 +97,29 @@ def ema_multi_avg_fn(decay):
 
 @torch.no_grad()
 def evaluate(model, data, config, device, show_progress):
-    """-> (mean bits/dim under the true label, accuracy of argmax_c log p(x|c) or None), in float32
-    even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips predictions."""
+    """-> {"val_bpd": mean bits/dim under the true label; with labels, "val_acc": the accuracy of
+    argmax_c log p(x|c), "temperature": fit_temperature on these images, "val_ece": the ECE with
+    it}. In float32 even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips
+    predictions."""
     model.eval()
     K, bs = config["num_classes"], config["eval_batch_size"]
-    nll_sum, correct, n = 0.0, 0, 0
+    nll, log_likelihoods = [], []
     batches = range(0, len(data), bs)
-    if show_progress:
-        batches = tqdm(batches, desc="eval", unit="batch", leave=False)
-    for start in batches:
+    for start in tqdm(batches, desc="eval", unit="batch", leave=False, disable=not show_progress):
         x = dataset.to_model_input(data.images[start:start + bs]).to(device)
         if config["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = data.labels[start:start + bs].to(device)
         if K:
-            ll = class_log_likelihoods(model, x, K)  # [B, K]
-            nll = -ll.gather(1, y[:, None]).squeeze(1)
-            correct += int((ll.argmax(dim=1) == y).sum())
+            log_likelihoods.append(class_log_likelihoods(model, x, K).double().cpu())  # [B, K]
         else:
-            nll = discretized_mix_logistic_nll(x, model(x, None))
-        nll_sum += float(nll.double().sum())
-        n += x.shape[0]
-    bpd = bits_per_dim(torch.tensor(nll_sum / n, dtype=torch.float64), data.images.shape[1:]).item()
-    return bpd, (correct / n if K else None)
+            nll.append(discretized_mix_logistic_nll(x, model(x, None)).double().cpu())
+    if not K:
+        return {"val_bpd": bits_per_dim(torch.cat(nll).mean(), data.images.shape[1:]).item()}
+    ll, y = torch.cat(log_likelihoods), data.labels
+    temperature = fit_temperature(ll, y)
+    return {"val_bpd": bits_per_dim(-ll.gather(1, y[:, None]).mean(), data.images.shape[1:]).item(),
+            "val_acc": (ll.argmax(dim=1) == y).double().mean().item(), "temperature": temperature,
+            "val_ece": calibration_metrics(log_posterior(ll, temperature=temperature).exp(), y)["ece"]}
 
 
 def start_wandb(config, run_id, log):
@@ -365,21 +366,21 @@ class Trainer:
         self.evaluated_at, better = (p.epoch, p.step), False
         if self.is_main:
             train_bpd = p.epoch_bpd_sum / p.epoch_batches if p.epoch_batches else None
-            val_bpd = val_acc = None
+            val = {"val_bpd": None, "val_acc": None}
             if self.val_data is not None:
-                val_bpd, val_acc = evaluate(self.ema.module, self.val_data, c, self.device,
-                                            show_progress=True)
-            p.metrics = {"epoch": p.epoch, "step": p.step, "train_bpd": train_bpd, "val_bpd": val_bpd,
-                         "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
-                         "seconds": round(self.elapsed(), 2)}
+                val.update(evaluate(self.ema.module, self.val_data, c, self.device, show_progress=True))
+            p.metrics = {"epoch": p.epoch, "step": p.step, "train_bpd": train_bpd, **val,
+                         "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.elapsed(), 2)}
+            p.temperature = val.get("temperature")  # saved with last.pt and best.pt
             with open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(p.metrics) + "\n")
             fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
             self.log(f"epoch {p.epoch} step {p.step}: train {fmt(train_bpd, '.4f')} bpd, "
-                     f"val {fmt(val_bpd, '.4f')} bpd, val acc {fmt(val_acc, '.4f')}")
+                     f"val {fmt(val['val_bpd'], '.4f')} bpd, val acc {fmt(val['val_acc'], '.4f')}"
+                     + (f", T {p.temperature:.3g} (ECE {val['val_ece']:.3f})" if p.temperature else ""))
             if self.wandb_run is not None:
                 self.wandb_run.log({k: v for k, v in p.metrics.items() if v is not None}, step=p.step)
-            metric = "val_acc" if c["best_metric"] == "val_acc" and val_acc is not None else "val_bpd"
+            metric = "val_acc" if c["best_metric"] == "val_acc" and val["val_acc"] is not None else "val_bpd"
             value = p.metrics[metric]
             better = value is not None and (
                 p.best is None or (value > p.best if metric == "val_acc" else value < p.best))

@@ -122,13 +122,67 @@ def class_log_likelihoods(model, x, num_classes):
     return -discretized_mix_logistic_nll(x.repeat(num_classes, 1, 1, 1), params).view(num_classes, B).T
 
 
-def log_posterior(log_likelihoods, log_prior=None):
-    """Bayes' rule: log p(c | x) = log p(x | c) + log p(c) - logsumexp_c(...), [B, K], in float64:
-    log-likelihoods are thousands of nats, so float32 would leave posteriors off by ~1e-4."""
-    joint = log_likelihoods.double()
+def log_posterior(log_likelihoods, log_prior=None, temperature=1.0):
+    """Bayes' rule: log p(c | x) = log p(x | c) / T + log p(c) - logsumexp_c(...), [B, K], in
+    float64: log-likelihoods are thousands of nats, so float32 would leave posteriors off by ~1e-4.
+    T = 1 is the model's own posterior; a fitted T (fit_temperature) calibrates it."""
+    joint = log_likelihoods.double() / temperature
     if log_prior is not None:
         joint = joint + torch.as_tensor(log_prior, dtype=torch.float64, device=joint.device)
     return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+
+def fit_temperature(log_likelihoods, labels, log_prior=None, bounds=(1e-2, 1e4)):
+    """The T in `bounds` that minimises the mean NLL of the true labels under
+    log_posterior(log_likelihoods, log_prior, T) (temperature scaling, Guo et al., 2017).
+
+    log p(x|c) sums thousands of sub-pixel terms, so label margins run to tens of nats and the
+    raw posterior is near-certain even when wrong. Dividing by T keeps every argmax (with a
+    uniform prior). The NLL is convex in 1/T, so bisection on its derivative finds the minimum.
+    """
+    ll = torch.as_tensor(log_likelihoods, dtype=torch.float64)  # [N, K]
+    y = torch.as_tensor(labels, dtype=torch.long)
+
+    def slope(beta):  # d NLL / d beta at beta = 1/T: E_p[log p(x|c)] - log p(x|y), averaged
+        p = log_posterior(ll, log_prior, 1.0 / beta).exp()
+        return float(((p * ll).sum(1) - ll.gather(1, y[:, None]).squeeze(1)).mean())
+
+    low, high = 1.0 / bounds[1], 1.0 / bounds[0]
+    if slope(low) >= 0:
+        return bounds[1]
+    if slope(high) <= 0:
+        return bounds[0]
+    for _ in range(100):  # |high - low| shrinks 2^100-fold: far below float64's resolution
+        middle = (low + high) / 2
+        low, high = (middle, high) if slope(middle) < 0 else (low, middle)
+    return 1.0 / ((low + high) / 2)
+
+
+def reliability(posteriors, labels, bins=15):
+    """How far the top posterior is from the accuracy: over `bins` equal-width bins of the top
+    probability, -> (count [bins], mean confidence [bins], accuracy [bins]; NaN where empty)."""
+    p = torch.as_tensor(posteriors, dtype=torch.float64)  # [N, K]
+    confidence, prediction = p.max(dim=1)
+    correct = (prediction == torch.as_tensor(labels, dtype=torch.long)).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # bin b holds (b/bins, (b+1)/bins]
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
+    mean_confidence = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence) / count
+    accuracy = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct) / count
+    return count, mean_confidence, accuracy
+
+
+def calibration_metrics(posteriors, labels, bins=15):
+    """-> {"ece": expected calibration error over `bins` equal-width bins (the count-weighted mean
+    |accuracy - confidence|), "nll": mean -log p(y | x) of the true label y, "brier": mean over
+    images of sum_c (p(c | x) - [c = y])^2}."""
+    p = torch.as_tensor(posteriors, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    count, confidence, accuracy = reliability(p, y, bins)
+    filled = count > 0
+    ece = float((count[filled] * (accuracy[filled] - confidence[filled]).abs()).sum() / count.sum())
+    nll = float(-p.gather(1, y[:, None]).clamp_min(1e-300).log().mean())
+    brier = float(((p - torch.nn.functional.one_hot(y, p.shape[1])) ** 2).sum(1).mean())
+    return {"ece": ece, "nll": nll, "brier": brier}
 
 
 def training_loss(net, x, y, num_classes, cls_loss_weight, cls_batch_size=0):

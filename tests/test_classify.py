@@ -417,3 +417,56 @@ def test_real_cpen455_subset(tmp_path, capsys):
     assert header[:2] == ["id", "label"] and len(header) == 2 + 2 * 4
     assert [r[0] for r in got] == [r.split(",")[0] for r in chosen]
     assert "accuracy" in stdout
+
+
+def with_temperature(path, temperature, tmp_path):
+    """A copy of the checkpoint at `path` with a stored temperature, as train.py writes it."""
+    state = torch.load(path, weights_only=True)
+    copy = str(tmp_path / f"T{temperature}.pt")
+    save_checkpoint(copy, {**state, "temperature": temperature})
+    return copy
+
+
+def test_posteriors_use_the_stored_temperature_and_metrics_say_how_calibrated(trained, cpen_root,
+                                                                               tmp_path, capsys):
+    """The posterior columns are softmax(log p(x|c) / T) with the checkpoint's T, --temperature
+    overrides it; the log-likelihood columns and the labels stay as they were; with labels the
+    metrics add ECE, the NLL of the true label and the Brier score, and a reliability PNG."""
+    ckpt = with_temperature(trained[0], 7.5, tmp_path)
+    true = np.array([int(l.split(",")[1]) for l in (cpen_root / "val.csv").read_text().split()])
+    runs = {}
+    for name, extra in [("stored", []), ("T=1", ["--temperature", "1"]), ("T=3", ["--temperature", "3"])]:
+        out, metrics = tmp_path / f"{name}.csv", tmp_path / f"{name}.json"
+        rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val",
+                                   "--out", out, "--metrics-out", metrics, *extra)
+        assert rc == 0, err
+        assert "has no fitted temperature" not in stdout
+        _, rows = read_csv(out)
+        runs[name] = (np.array([[float(v) for v in r[2:2 + K]] for r in rows]),
+                      np.array([[float(v) for v in r[2 + K:]] for r in rows]),
+                      [r[1] for r in rows], json.loads(metrics.read_text()))
+    logits = runs["stored"][0]
+    for name, temperature in [("stored", 7.5), ("T=1", 1.0), ("T=3", 3.0)]:
+        loglik, post, labels, metrics = runs[name]
+        np.testing.assert_allclose(loglik, logits)  # raw, whatever T
+        np.testing.assert_allclose(post, softmax(logits / temperature), rtol=1e-4, atol=1e-6)
+        assert labels == runs["T=1"][2]  # a uniform prior: T changes no prediction
+        assert metrics["temperature"] == temperature
+        exact = softmax(logits / temperature)
+        assert metrics["nll"] == pytest.approx(-np.mean(np.log(exact[np.arange(len(true)), true])), rel=1e-4)
+        assert metrics["brier"] == pytest.approx(np.mean(((exact - np.eye(K)[true]) ** 2).sum(1)), rel=1e-4)
+        assert metrics["ece"] == pytest.approx(utils.calibration_metrics(exact, true)["ece"], rel=1e-4)
+        with Image.open(tmp_path / f"{name}.png") as diagram:  # beside the JSON
+            assert diagram.size[0] > 300 and diagram.mode == "RGB"
+
+
+def test_a_checkpoint_without_a_temperature_still_works_and_says_so(trained, cpen_root, tmp_path, capsys):
+    rc, stdout, err = run_main(capsys, "--checkpoint", trained[0], "--data-dir", cpen_root, "--split", "val",
+                               "--out", tmp_path / "p.csv")
+    assert rc == 0, err
+    assert "has no fitted temperature (it predates calibration): posteriors at T = 1" in stdout
+    for bad in ("0", "-2", "inf", "nan"):
+        rc, _, err = run_main(capsys, "--checkpoint", trained[0], "--data-dir", cpen_root,
+                              "--out", tmp_path / "q.csv", "--temperature", bad)
+        assert rc == 2 and "--temperature must be a positive number" in err, (bad, err)
+    assert not (tmp_path / "q.csv").exists()

@@ -128,7 +128,10 @@ def test_checkpoint_contents_and_refusal_to_overwrite(tiny_data, tmp_path, capsy
         assert model(x, torch.tensor([0, 3])).shape == (2, 20, 8, 8)
     metrics = read_metrics(out)
     assert len(metrics) == 1
-    assert set(metrics[0]) == {"epoch", "step", "train_bpd", "val_bpd", "val_acc", "lr", "seconds"}
+    assert set(metrics[0]) == {"epoch", "step", "train_bpd", "val_bpd", "val_acc", "temperature", "val_ece",
+                               "lr", "seconds"}
+    for name in ("last.pt", "best.pt"):  # the posterior's temperature, fitted on the validation split
+        assert torch.load(out / name, weights_only=True)["temperature"] == metrics[0]["temperature"] > 0
     assert os.path.isfile(out / "samples_epoch0001.png") and os.path.isfile(out / "config.yaml")
     capsys.readouterr()
     assert train.main(args(tiny_data, out, "--epochs", "1")) == 2  # would clobber last.pt

@@ -6,9 +6,10 @@ from scipy.stats import chisquare
 
 from conftest import randomize_label_parameters
 from model import build_model
-from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic_log_probs,
-                   discretized_mix_logistic_nll, log_posterior, sample_from_discretized_mix_logistic,
-                   snap_to_levels, training_loss)
+from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods,
+                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, fit_temperature,
+                   log_posterior, reliability, sample_from_discretized_mix_logistic, snap_to_levels,
+                   training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
@@ -233,3 +234,37 @@ def test_hybrid_loss_on_a_sub_batch_matches_scoring_every_label():
             assert torch.allclose(got_bpd, bpd, rtol=1e-5)
             assert torch.allclose(loss.double(), bpd.double() + 0.5 * ce, rtol=1e-5)
         assert torch.allclose(training_loss(net, x, y, 3, 0.0)[0], bpd, rtol=1e-5)
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    """Labels drawn from softmax(z / 12): the fitted T is 12 within sampling error, and the
+    calibrated posteriors have a far smaller ECE, NLL and Brier score than the raw ones."""
+    g = torch.Generator().manual_seed(0)
+    log_likelihoods = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 30  # margins of tens of nats
+    labels = torch.multinomial(torch.softmax(log_likelihoods / 12, 1), 1, generator=g).squeeze(1)
+    T = fit_temperature(log_likelihoods, labels)
+    assert abs(T - 12) < 0.5
+    raw = calibration_metrics(log_posterior(log_likelihoods).exp(), labels)
+    fitted = calibration_metrics(log_posterior(log_likelihoods, temperature=T).exp(), labels)
+    assert fitted["ece"] < 0.02 < 0.2 < raw["ece"]
+    assert fitted["nll"] < raw["nll"] / 3 and fitted["brier"] < raw["brier"]
+    assert torch.equal(log_posterior(log_likelihoods, temperature=T).argmax(1), log_likelihoods.argmax(1))
+
+
+def test_calibration_metrics_by_hand():
+    """Four images, 15 bins: confidences 0.9, 0.9 (one right, one wrong) share a bin, 0.6 and 0.5
+    (both right) have their own: ECE = (2 |0.5 - 0.9| + |1 - 0.6| + |1 - 0.5|) / 4 = 0.425."""
+    posteriors = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.5, 0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0])
+    metrics = calibration_metrics(posteriors, labels)
+    assert metrics["ece"] == pytest.approx(0.425)
+    assert metrics["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.1) + np.log(0.6) + np.log(0.5)) / 4)
+    assert metrics["brier"] == pytest.approx((0.02 + 1.62 + 0.32 + 0.5) / 4)
+    count, confidence, accuracy = reliability(posteriors, labels)
+    assert count.sum() == 4 and count[13] == 2 and confidence[13] == pytest.approx(0.9) and accuracy[13] == 0.5
+
+
+def test_fit_temperature_stays_in_its_bounds():
+    separable = torch.tensor([[0.0, -50.0], [-50.0, 0.0]])  # every label right by 50 nats: T -> 0
+    assert fit_temperature(separable, torch.tensor([0, 1])) == 1e-2
+    assert fit_temperature(separable, torch.tensor([1, 0])) == 1e4  # every label wrong: T -> infinity
