@@ -19,6 +19,7 @@ import sys
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from model import MODEL_DEFAULTS, MODEL_KEYS, Key, validate_model_config
@@ -218,6 +219,35 @@ def resolve_device(name, local_rank=0):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def join_processes(device_name):
+    """Under torchrun (WORLD_SIZE > 1), join the process group: nccl on GPUs, gloo on CPUs.
+    -> (rank, world size, this process's device); (0, 1, device) for a plain run."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def all_succeeded(ok, device):
+    """Whether `ok` holds on every process (one all-reduce; `ok` itself in a plain run), so that
+    a failure on any rank stops them all before anything is written."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([float(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def leave_processes(succeeded):
+    """Leave the process group, if any. After a success every process first waits for the others:
+    gloo aborts a process that tears down while another still talks to it."""
+    if dist.is_initialized():
+        if succeeded:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def native_bf16(device):

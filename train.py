@@ -29,8 +29,8 @@ import dataset
 from checkpoint import (Progress, atomic_write, load_checkpoint, remove_cut_short_writes, restore_rng,
                         restore_training_state, rng_state, save_checkpoint, seed_everything,
                         training_state)
-from config import (DEFAULTS, UsageError, merge_on_resume, native_bf16, parse_duration,
-                    parse_training_args, report, resolve_device, resume_path, reuse_freed_memory,
+from config import (DEFAULTS, UsageError, join_processes, leave_processes, merge_on_resume, native_bf16,
+                    parse_duration, parse_training_args, report, resume_path, reuse_freed_memory,
                     training_parser, validate_config)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
@@ -159,12 +159,8 @@ class Stop(Exception):
 class Trainer:
     def __init__(self, config, resume_state):
         self.config = config
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank, self.world_size, self.device = join_processes(config["device"])
         self.is_main, self.distributed = self.rank == 0, self.world_size > 1
-        self.device = resolve_device(config["device"], int(os.environ.get("LOCAL_RANK", "0")))
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.resume_state = resume_state
         self.signal_received = None
         self.started, self.elapsed_before = time.time(), 0.0
@@ -480,11 +476,8 @@ def main(argv=None):
         print("interrupted", file=sys.stderr)
         code = 130
     finally:
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()  # no process tears down while another still talks to it
-            del trainer  # DDP holds the process group: release it before destroying the group
-            dist.destroy_process_group()
+        del trainer  # DDP holds the process group: release it before leaving the group
+        leave_processes(succeeded=code == 0)
     return code
 
 

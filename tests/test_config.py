@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from config import (DEFAULTS, UsageError, merge_on_resume, parse_duration, parse_training_args,
-                    training_parser, validate_config)
+from config import (DEFAULTS, UsageError, all_succeeded, join_processes, leave_processes, merge_on_resume,
+                    parse_duration, parse_training_args, training_parser, validate_config)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -71,6 +71,16 @@ def test_resuming_keeps_the_stored_config_but_not_a_new_model():
     assert merged["lr"] == 0.01 and merged["epochs"] == 20 and merged["resume"] == "run/last.pt"
     with pytest.raises(UsageError, match="'nr_filters' is 16 but the checkpoint run/last.pt"):
         merge_on_resume(stored, {"nr_filters": 16}, "run/last.pt")
+
+
+def test_a_plain_run_is_process_zero_of_one(monkeypatch):
+    """Outside torchrun there is no process group: rank 0 of 1, and a failure is this process's."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    rank, world_size, device = join_processes("cpu")
+    assert (rank, world_size, device.type) == (0, 1, "cpu")
+    assert all_succeeded(True, device) and not all_succeeded(False, device)
+    leave_processes(succeeded=True)  # nothing to leave
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
