@@ -19,6 +19,10 @@ from windows of buffers that already hold everything it needs:
 - the ul stream (down-right-shifted: it also sees pixels to the left) one position at a time:
   (i, j) at full resolution, (i/2, j/2) at half resolution when i and j are even, and so on.
 Each step costs the same whatever the row, and no value is computed twice.
+
+Completion starts below given rows: take_rows computes all that those rows make computable in one
+pass per layer over all of them (a few big convolutions instead of one small one per pixel), so
+completing the bottom half costs about half of a whole sample.
 """
 import numpy as np
 import torch
@@ -29,11 +33,13 @@ from model import NUM_RESOLUTIONS
 from utils import sample_from_discretized_mix_logistic
 
 
-def generate(model, labels, sampler="fast", seed=0, n=None, progress=None):
+def generate(model, labels, sampler="fast", seed=0, n=None, progress=None, given=None, keep_rows=0):
     """Sample uint8 images [B, 3, H, W] (H = W = model.config['image_size']) with the model's own
     dtype and device. labels: LongTensor [B], or None for an unconditional model (then give n).
     The generator is torch.Generator(device).manual_seed(seed); `sampler` is 'fast' (the cached
-    sampler) or 'naive'. progress: a tqdm-like object updated once per pixel, or None."""
+    sampler) or 'naive'. progress: a tqdm-like object updated once per sampled pixel, or None.
+    given: uint8 images [B, 3, H, W] whose top `keep_rows` rows are kept as they are (completion):
+    only the rows below are sampled, and they come back in the result unchanged."""
     samplers = {"fast": generate_cached, "naive": generate_naive}
     if sampler not in samplers:
         raise ValueError(f"sampler must be 'fast' or 'naive', got {sampler!r}")
@@ -41,7 +47,8 @@ def generate(model, labels, sampler="fast", seed=0, n=None, progress=None):
     generator = torch.Generator(param.device).manual_seed(seed)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=param.device)
-    return to_uint8(samplers[sampler](model, labels, generator, progress=progress, n=n))
+    start = None if given is None else given.to(param.device, param.dtype) / 127.5 - 1  # the 256 levels
+    return to_uint8(samplers[sampler](model, labels, generator, progress, n, start, keep_rows))
 
 
 def to_uint8(x):
@@ -55,23 +62,25 @@ def derive_seed(seed, class_index, chunk):
     return int(np.random.SeedSequence([seed, class_index + 1, chunk]).generate_state(1)[0])
 
 
-def generate_naive(model, labels, generator, progress=None, n=None):
+def generate_naive(model, labels, generator, progress=None, n=None, start=None, keep_rows=0):
     """The reference sampler, one full forward pass per pixel: float images in [-1, 1] on the 256
     levels, [B, 3, H, W], in the model's dtype. labels: [B], or None (then n images from the
-    unconditional model). progress: a tqdm-like object updated once per pixel, or None."""
-    return sample_raster(FullForward, model, labels, generator, progress, n)
+    unconditional model). progress: a tqdm-like object updated once per pixel, or None.
+    start: images [B, 3, H, W] in [-1, 1] whose top keep_rows rows are kept; the rest is sampled."""
+    return sample_raster(FullForward, model, labels, generator, progress, n, start, keep_rows)
 
 
-def generate_cached(model, labels, generator, progress=None, n=None):
+def generate_cached(model, labels, generator, progress=None, n=None, start=None, keep_rows=0):
     """The cached sampler: the same images as generate_naive (same arguments, same result), with
     the work of one pixel constant instead of a full forward pass."""
-    return sample_raster(IncrementalPixelCNN, model, labels, generator, progress, n)
+    return sample_raster(IncrementalPixelCNN, model, labels, generator, progress, n, start, keep_rows)
 
 
 @torch.inference_mode()
-def sample_raster(network, model, labels, generator, progress, n):
+def sample_raster(network, model, labels, generator, progress, n, start=None, keep_rows=0):
     """Sample a batch pixel by pixel in raster order, one mixture_noise draw per pixel, with
-    `network` (FullForward or IncrementalPixelCNN) giving each pixel's mixture parameters."""
+    `network` (FullForward or IncrementalPixelCNN) giving each pixel's mixture parameters. The
+    top keep_rows rows come from `start` and draw no noise: sampling begins at row keep_rows."""
     model.eval()
     param = next(model.parameters())
     batch_size = labels.shape[0] if labels is not None else n
@@ -80,7 +89,13 @@ def sample_raster(network, model, labels, generator, progress, n):
     net = network(model, labels, batch_size, param.device, param.dtype)
     size = model.config["image_size"]
     images = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
-    for i in range(size):
+    if keep_rows:
+        if start is None or start.shape != images.shape or not 0 < keep_rows <= size:
+            raise ValueError(f"keep_rows {keep_rows} needs start images of shape {list(images.shape)} "
+                             f"and 0 <= keep_rows <= {size}")
+        images[:, :, :keep_rows] = start[:, :, :keep_rows]
+        net.take_rows(images, keep_rows)
+    for i in range(keep_rows, size):
         net.start_row(i)
         for j in range(size):
             pixel = sample_from_discretized_mix_logistic(net.params_at(i, j), generator)  # [B, 3, 1, 1]
@@ -93,12 +108,15 @@ def sample_raster(network, model, labels, generator, progress, n):
 
 class FullForward:
     """The naive sampler's network: the whole model on the image drawn so far, for every pixel.
-    The same interface as IncrementalPixelCNN (start_row, params_at, set_pixel)."""
+    The same interface as IncrementalPixelCNN (take_rows, start_row, params_at, set_pixel)."""
 
     def __init__(self, model, labels, batch_size, device, dtype):
         self.model, self.labels = model, labels
         size = model.config["image_size"]
         self.x = torch.zeros(batch_size, 3, size, size, device=device, dtype=dtype)
+
+    def take_rows(self, x, rows):
+        self.x[:, :, :rows] = x[:, :, :rows]
 
     def start_row(self, i):
         pass  # nothing is kept between pixels
@@ -124,7 +142,8 @@ class IncrementalPixelCNN:
 
     Use: for each row i, call `start_row(i)`; then for each column j, `params_at(i, j)` gives
     the mixture parameters [B, 10M, 1, 1] for pixel (i, j), and `set_pixel(i, j, value)` writes
-    its sampled (or given) value [B, 3, 1, 1]. Pixels must come in raster order.
+    its sampled (or given) value [B, 3, 1, 1]. Pixels must come in raster order. To start below
+    given rows, call `take_rows(x, rows)` first, then go on from row `rows`.
     """
 
     def __init__(self, model, labels, batch_size, device, dtype):
@@ -134,6 +153,7 @@ class IncrementalPixelCNN:
         self.buffers = {}
         self.weights = {m: m.weight() for m in model.modules() if isinstance(m, WeightNorm)}
         self.u_skips, self.ul_skips = self._skip_names()
+        self.output = f"down_ul0.{len(model.down_ul[-1]) - 1}"  # the last activation, before the NIN
 
         # The input buffer: pixel values (filled as they are sampled), ones, label embedding.
         zeros = torch.zeros(batch_size, 3, self.size, self.size, device=device, dtype=dtype)
@@ -168,6 +188,17 @@ class IncrementalPixelCNN:
             window = pre(window)
         return F.conv2d(window, self.weights[wn], wn.b, stride=s)
 
+    def shifted_conv(self, shifted_conv, source, region, down=0, right=0):
+        """down_shift (down=1) or right_shift (right=1) of a conv's output, on `region`: the output
+        `down` rows above and `right` columns left, zero where that falls outside the image."""
+        r0, r1, c0, c1 = region
+        top, left = max(r0, down), max(c0, right)  # the part of the region that the output reaches
+        if top >= r1 or left >= c1:
+            return torch.zeros(self.B, shifted_conv.conv.v.shape[0], r1 - r0, c1 - c0,
+                               device=self.device, dtype=self.dtype)
+        out = self.conv(shifted_conv, source, (top - down, r1 - down, left - right, c1 - right))
+        return F.pad(out, (left - c0, 0, top - r0, 0))  # no-op inside the image
+
     def nin(self, layer, x):
         # A matrix product: on a few pixels it costs less than NIN's 1x1 convolution.
         return F.linear(x.movedim(1, -1), self.weights[layer], layer.b).movedim(-1, 1)
@@ -200,20 +231,44 @@ class IncrementalPixelCNN:
         return u_skips, ul_skips
 
     # --- the two streams -------------------------------------------------------------------------
+    def take_rows(self, x, rows):
+        """Take the top `rows` rows of x [B, 3, H, W] as given: write them into the input, then
+        compute everything they make computable, each layer on all of those rows at once (as
+        start_row and params_at would over those rows, one row and one pixel at a time)."""
+        self.buffers["input"][:, :3, 1:rows + 1, 1:self.size + 1] = x[:, :, :rows]
+        # At level L (side W / 2^L), row r is computed at image row r * 2^L: rows < ceil(rows / 2^L).
+        done = {level: -(-rows // (1 << level)) for level in range(NUM_RESOLUTIONS)}
+        self.u_stream({level: (0, r) for level, r in done.items()})
+        self.ul_stream({level: (0, r, 0, self.size >> level) for level, r in done.items()})
+
     def start_row(self, i):
         """Compute every u-stream row that image row i needs (all of them depend on rows < i)."""
-        m, W = self.model, self.size
-        if i > 0:  # u_init = down_shift(conv(input)): row i holds the conv's row i - 1
-            self.write("u_init", 0, (i, i + 1, 0, W), self.conv(m.u_init, "input", (i - 1, i, 0, W)))
-        else:
-            self.buffer("u_init", 0, m.config["nr_filters"])
-        levels = [level for level in range(NUM_RESOLUTIONS) if i % (1 << level) == 0]
+        self.u_stream({level: (i >> level, (i >> level) + 1)
+                       for level in range(NUM_RESOLUTIONS) if i % (1 << level) == 0})
+
+    def params_at(self, i, j):
+        """Mixture parameters for pixel (i, j), [B, 10M, 1, 1]; call after start_row(i)."""
+        self.ul_stream({level: (i >> level, (i >> level) + 1, j >> level, (j >> level) + 1)
+                        for level in range(NUM_RESOLUTIONS)
+                        if i % (1 << level) == 0 and j % (1 << level) == 0})
+        return self.nin(self.model.out, F.elu(self.read(self.output, (i, i + 1, j, j + 1))))
+
+    def set_pixel(self, i, j, value):
+        """Write pixel (i, j)'s RGB value [B, 3, 1, 1] into the input."""
+        self.buffers["input"][:, :3, i + 1, j + 1] = value[:, :, 0, 0]
+
+    def u_stream(self, rows):
+        """The u stream (it sees only rows above) on whole rows: rows[level] = (r0, r1) for each
+        level that has new rows; the rows above them must be computed already."""
+        m = self.model
         for level in range(NUM_RESOLUTIONS):  # up pass
             previous = f"downsize_u{level - 1}" if level > 0 else "u_init"
-            if level not in levels:
+            if level not in rows:
                 continue
-            region = (i >> level, (i >> level) + 1, 0, W >> level)
-            if level > 0:
+            region = (*rows[level], 0, self.size >> level)
+            if level == 0:  # u_init = down_shift(conv(input))
+                self.write("u_init", 0, region, self.shifted_conv(m.u_init, "input", region, down=1))
+            else:
                 last = f"up_u{level - 1}.{len(m.up_u[level - 1]) - 1}"
                 self.write(previous, level, region, self.conv(m.downsize_u[level - 1], last, region))
             for k, block in enumerate(m.up_u[level]):
@@ -223,36 +278,29 @@ class IncrementalPixelCNN:
         for level in reversed(range(NUM_RESOLUTIONS)):  # down pass, coarsest first
             down = NUM_RESOLUTIONS - 1 - level  # index into the model's down-pass lists
             previous = self.u_skips["start"] if down == 0 else f"upsize_u{level + 1}"
-            if level not in levels:
+            if level not in rows:
                 continue
-            row, side = i >> level, W >> level
+            region = (*rows[level], 0, self.size >> level)
             for k, block in enumerate(m.down_u[down]):
-                self.resnet(block, f"down_u{level}.{k}", previous, [self.u_skips[down, k]],
-                            level, (row, row + 1, 0, side))
+                self.resnet(block, f"down_u{level}.{k}", previous, [self.u_skips[down, k]], level, region)
                 previous = f"down_u{level}.{k}"
-            if level > 0:  # this row feeds rows 2*row and 2*row + 1 of the finer grid
-                up = m.upsize_u[down](self.read(previous, (row, row + 1, 0, side)))
-                self.write(f"upsize_u{level}", level - 1, (2 * row, 2 * row + 2, 0, 2 * side), up)
+            if level > 0:  # row r feeds rows 2r and 2r + 1 of the finer grid
+                up = m.upsize_u[down](self.read(previous, region))
+                self.write(f"upsize_u{level}", level - 1, tuple(2 * x for x in region), up)
 
-    def params_at(self, i, j):
-        """Mixture parameters for pixel (i, j), [B, 10M, 1, 1]; call after start_row(i)."""
+    def ul_stream(self, regions):
+        """The ul stream (it also sees pixels to the left) on regions[level] = (r0, r1, c0, c1) for
+        each level that has new positions; those above and to the left must be computed already."""
         m = self.model
-        levels = [level for level in range(NUM_RESOLUTIONS)
-                  if i % (1 << level) == 0 and j % (1 << level) == 0]
-        # ul_init = down_shift(conv(1x3)) + right_shift(conv(2x1)): the rows above and the pixels left.
-        ul = torch.zeros(self.B, m.config["nr_filters"], 1, 1, device=self.device, dtype=self.dtype)
-        if i > 0:
-            ul = ul + self.conv(m.ul_init_up, "input", (i - 1, i, j, j + 1))
-        if j > 0:
-            ul = ul + self.conv(m.ul_init_left, "input", (i, i + 1, j - 1, j))
-        self.write("ul_init", 0, (i, i + 1, j, j + 1), ul)
-
         for level in range(NUM_RESOLUTIONS):  # up pass
             previous = f"downsize_ul{level - 1}" if level > 0 else "ul_init"
-            if level not in levels:
+            if level not in regions:
                 continue
-            region = (i >> level, (i >> level) + 1, j >> level, (j >> level) + 1)
-            if level > 0:
+            region = regions[level]
+            if level == 0:  # ul_init = down_shift(conv(1x3)) + right_shift(conv(2x1))
+                self.write("ul_init", 0, region, self.shifted_conv(m.ul_init_up, "input", region, down=1)
+                           + self.shifted_conv(m.ul_init_left, "input", region, right=1))
+            else:
                 last = f"up_ul{level - 1}.{len(m.up_ul[level - 1]) - 1}"
                 self.write(previous, level, region, self.conv(m.downsize_ul[level - 1], last, region))
             for k, block in enumerate(m.up_ul[level]):
@@ -262,19 +310,13 @@ class IncrementalPixelCNN:
         for level in reversed(range(NUM_RESOLUTIONS)):  # down pass, coarsest first
             down = NUM_RESOLUTIONS - 1 - level
             previous = self.ul_skips["start"] if down == 0 else f"upsize_ul{level + 1}"
-            if level not in levels:
+            if level not in regions:
                 continue
-            a, b = i >> level, j >> level
-            region = (a, a + 1, b, b + 1)
+            region = regions[level]
             for k, block in enumerate(m.down_ul[down]):
                 self.resnet(block, f"down_ul{level}.{k}", previous,
                             [f"down_u{level}.{k}", self.ul_skips[down, k]], level, region)
                 previous = f"down_ul{level}.{k}"
-            if level > 0:  # this position feeds a 2x2 block of the finer grid
+            if level > 0:  # position (a, b) feeds a 2x2 block of the finer grid
                 up = m.upsize_ul[down](self.read(previous, region))
-                self.write(f"upsize_ul{level}", level - 1, (2 * a, 2 * a + 2, 2 * b, 2 * b + 2), up)
-        return self.nin(m.out, F.elu(self.read(previous, (i, i + 1, j, j + 1))))
-
-    def set_pixel(self, i, j, value):
-        """Write pixel (i, j)'s RGB value [B, 3, 1, 1] into the input."""
-        self.buffers["input"][:, :3, i + 1, j + 1] = value[:, :, 0, 0]
+                self.write(f"upsize_ul{level}", level - 1, tuple(2 * x for x in region), up)

@@ -36,6 +36,24 @@ def test_cached_params_equal_the_full_forward_at_every_pixel(nr_resnet, num_clas
                 net.set_pixel(i, j, x[:, :, i:i + 1, j:j + 1])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 7])
+def test_cache_filled_from_given_rows_equals_the_full_forward_below(rows):
+    """take_rows computes, all rows at once, what the pixel-by-pixel pass would have computed over
+    them (odd row counts end mid-way through the coarser grids' rows)."""
+    model = tiny_model(2, 3, 4, "film")
+    x = torch.randint(0, 256, (2, 3, 8, 8)) / 127.5 - 1
+    labels = torch.tensor([1, 2])
+    with torch.inference_mode():
+        full = model(x, labels)
+        net = IncrementalPixelCNN(model, labels, 2, x.device, x.dtype)
+        net.take_rows(x, rows)
+        for i in range(rows, 8):
+            net.start_row(i)
+            for j in range(8):
+                assert (net.params_at(i, j)[:, :, 0, 0] - full[:, :, i, j]).abs().max() < 1e-4, (i, j)
+                net.set_pixel(i, j, x[:, :, i:i + 1, j:j + 1])
+
+
 def test_work_per_row_does_not_grow_with_the_row():
     model = tiny_model(1, 3, 4, "film", size=16)
     net = IncrementalPixelCNN(model, torch.tensor([1]), 1, "cpu", torch.float32)
@@ -118,3 +136,32 @@ def test_fast_equals_naive_in_float64():
     labels = torch.tensor([0, 1, 2])
     assert torch.equal(sampling.generate(model, labels, "fast", seed=5),
                        sampling.generate(model, labels, "naive", seed=5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion: sampling below given rows.
+
+def test_completion_keeps_the_given_rows_and_fast_equals_naive_in_float64():
+    model = tiny_model().double()
+    given = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2])
+    for rows in (1, 5, 7):
+        fast = sampling.generate(model, labels, "fast", seed=4, given=given, keep_rows=rows)
+        naive = sampling.generate(model, labels, "naive", seed=4, given=given, keep_rows=rows)
+        assert torch.equal(fast, naive), rows
+        assert torch.equal(fast[:, :, :rows], given[:, :, :rows]), rows  # bit for bit
+        assert not torch.equal(fast[:, :, rows:], given[:, :, rows:])
+
+
+def test_completion_depends_on_the_seed_and_on_the_given_rows():
+    model = tiny_model()
+    given = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([0, 2])
+    a = sampling.generate(model, labels, "fast", seed=1, given=given, keep_rows=4)
+    assert torch.equal(a, sampling.generate(model, labels, "fast", seed=1, given=given, keep_rows=4))
+    assert not torch.equal(a, sampling.generate(model, labels, "fast", seed=2, given=given, keep_rows=4))
+    # the given rows condition the rest: the same noise below other rows gives another completion
+    other = given.clone()
+    other[:, :, :4] = 255 - other[:, :, :4]
+    b = sampling.generate(model, labels, "fast", seed=1, given=other, keep_rows=4)
+    assert not torch.equal(a[:, :, 4:], b[:, :, 4:])
