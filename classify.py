@@ -3,6 +3,8 @@
     python classify.py --checkpoint C --data-dir D [--split test] [--csv PATH] --out predictions.csv
                        [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train] [--hflip]
                        [--temperature T] [--logits out.npy] [--metrics-out metrics.json]
+                       [--explain DIR] [--explain-out maps.npz] [--explain-limit N]
+    torchrun --nproc_per_node=N classify.py ...   (each process scores a shard; rank 0 writes)
 
 D is a CPEN455-layout root (the files and labels come from D/<split>.csv, or from --csv PATH) or a
 plain folder of images (every image under it, recursively, in sorted order). Every image is scored
@@ -23,8 +25,21 @@ accuracy, per-class accuracy, macro F1, the confusion matrix, bits/dim under the
 posterior's calibration: ECE (15 bins), the NLL of the true label and the Brier score; beside the
 JSON, a reliability diagram as PNG (metrics.json -> metrics.png).
 
+Evidence maps (--explain DIR, --explain-out maps.npz, for all images or the first --explain-limit):
+log p(x|c) is a sum of per-pixel terms log p(x_ij | x_<ij, c) (R, G and B together), which the
+scoring pass computes anyway. Per pixel, the terms' difference between the predicted label and the
+runner-up (by posterior) shows which parts of the image carried the decision, and -log2 of the term
+under the predicted label shows what surprised the model. Each image gets a PNG under DIR (at its
+id's path, .png): the image, the ratio map on a blue-white-red scale centred at zero, and the bits
+map. With --hflip the maps are the mean of the image's terms and its mirror image's (flipped back
+onto the pixels they score), so they add up to the CSV's log-likelihoods, as without it.
+
+Under torchrun (nccl on GPUs, gloo on CPUs) each process scores a contiguous shard of the images;
+rank 0 gathers them and alone prints and writes, the same files as one process.
+
 A user's mistake (missing or foreign checkpoint, corrupt image, empty folder, bad CSV, labels the
-model does not have) ends with one line on stderr and exit code 2, and leaves no output file.
+model does not have) ends with one line on stderr and exit code 2, and leaves no output file; under
+torchrun, a failure in any process does the same (torchrun then adds its own report).
 """
 import json
 import math
@@ -34,12 +49,14 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import utils
 from checkpoint import atomic_write, load_model
-from config import ArgumentParser, UsageError, report, resolve_device, reuse_freed_memory
+from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, all_succeeded, join_processes,
+                    leave_processes, report, reuse_freed_memory)
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, split_csv_path, to_model_input)
 
@@ -95,13 +112,14 @@ def log_prior_from_labels(labels, num_classes):
         return np.log(counts / counts.sum())
 
 
-def predict(log_likelihoods, log_prior=None, temperature=1.0):
-    """(predictions [N], posterior probabilities [N, K]) from log p(x|c) [N, K] and log p(c) [K]
-    at `temperature` (which changes no prediction under a uniform prior)."""
+def rank_labels(log_likelihoods, log_prior=None, temperature=1.0):
+    """(labels by decreasing posterior [N, K]: the prediction, then the runner-up, ...; posterior
+    probabilities [N, K]) from log p(x|c) [N, K] and log p(c) [K] at `temperature` (which changes
+    no prediction under a uniform prior). Ties go to the lower label, as argmax breaks them."""
     loglik = torch.as_tensor(np.asarray(log_likelihoods, dtype=np.float64))
     prior = None if log_prior is None else torch.as_tensor(np.asarray(log_prior, dtype=np.float64))
-    log_post = utils.log_posterior(loglik, prior, temperature)
-    return log_post.argmax(dim=1).numpy(), log_post.exp().numpy()
+    log_post = utils.log_posterior(loglik, prior, temperature).numpy()
+    return np.argsort(-log_post, axis=1, kind="stable"), np.exp(log_post)
 
 
 def bits_per_dim_true_label(log_likelihoods, labels, image_shape):
@@ -113,14 +131,18 @@ def bits_per_dim_true_label(log_likelihoods, labels, image_shape):
 
 
 @torch.inference_mode()
-def score_images(model, images, num_classes, batch_size, device, progress=True, mirror=False):
-    """log p(x|c) in nats, [N, K] float64, for `images`: uint8 [N, 3, H, W], or a list of file
-    paths (loaded batch by batch and resized to model.config['image_size']); mirror: score each
-    image flipped left-right instead."""
+def score_images(model, images, num_classes, batch_size, device, progress=True, mirror=False, keep_maps=0):
+    """(log p(x|c) in nats [N, K] float64, the per-pixel terms log p(x_ij | x_<ij, c) of the first
+    keep_maps images [min(N, keep_maps), K, H, W] float32) for `images`: uint8 [N, 3, H, W], or a
+    list of file paths (loaded batch by batch and resized to model.config['image_size']).
+    mirror: score each image flipped left-right instead; its maps are flipped back, so that each
+    term sits on the pixel it scores. log p(x|c) is the terms' sum, taken in float64 so that a
+    map's sum matches the CSV's log-likelihoods to float64 precision."""
     model.eval()
     n = len(images)
     image_size = model.config["image_size"]
     out = np.empty((n, num_classes), dtype=np.float64)
+    maps = np.empty((min(n, keep_maps), num_classes, image_size, image_size), dtype=np.float32)
     # progress=True shows the bar on a terminal only (tqdm's disable=None), and clears it at the end
     bar = tqdm(total=n, desc="classifying", unit="img", disable=None if progress else True,
                leave=False, dynamic_ncols=True)
@@ -130,12 +152,14 @@ def score_images(model, images, num_classes, batch_size, device, progress=True, 
             if not torch.is_tensor(batch):
                 batch = load_images(batch, image_size, progress=False)
             x = to_model_input(batch.flip(-1) if mirror else batch).to(device)
-            out[start:start + len(batch)] = (
-                utils.class_log_likelihoods(model, x, num_classes).double().cpu().numpy())
+            pixels = utils.class_pixel_log_likelihoods(model, x, num_classes)  # [b, K, H, W]
+            out[start:start + len(batch)] = pixels.double().sum(dim=(2, 3)).cpu().numpy()
+            kept = pixels[:max(0, keep_maps - start)]
+            maps[start:start + len(kept)] = (kept.flip(-1) if mirror else kept).cpu().numpy()
             bar.update(len(batch))
     finally:
         bar.close()
-    return out
+    return out, maps
 
 
 def reliability_diagram(posteriors, labels, title, bins=CALIBRATION_BINS, size=420):
@@ -172,6 +196,70 @@ def reliability_diagram(posteriors, labels, title, bins=CALIBRATION_BINS, size=4
     draw.text((6, margin - 30), "accuracy (blue) vs confidence (red); grey: share of images", fill="black")
     draw.text((6, margin - 16), title, fill="black")
     return image
+
+def evidence_maps(pixel_log_likelihoods, predictions, runners_up):
+    """(ratio [N, H, W], bits [N, H, W]) from log p(x_ij | x_<ij, c) [N, K, H, W]: per pixel, the
+    log-likelihood ratio of the predicted label to the runner-up in nats (it sums to the difference
+    of their log p(x|c)), and -log2 p under the predicted label (it sums to the image's NLL in bits)."""
+    terms = np.asarray(pixel_log_likelihoods, dtype=np.float64)
+    rows = np.arange(len(terms))
+    predicted, runner_up = terms[rows, predictions], terms[rows, runners_up]
+    return predicted - runner_up, -predicted / math.log(2)
+
+
+# Colour maps as evenly spaced stops: blue-white-red (RdBu) centred at zero, and magma-like for bits
+DIVERGING = [(33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130), (178, 24, 43)]
+SEQUENTIAL = [(0, 0, 4), (81, 18, 124), (183, 55, 121), (252, 137, 97), (252, 253, 191)]
+
+
+def colourize(values, low, high, stops):
+    """Values [...] -> uint8 RGB [..., 3], linear between the colour stops from `low` to `high`."""
+    t = np.clip((np.asarray(values, dtype=np.float64) - low) / max(high - low, 1e-12), 0, 1)
+    t = t * (len(stops) - 1)
+    i = np.minimum(t.astype(np.int64), len(stops) - 2)  # the stop at or below t
+    f = (t - i)[..., None]
+    stops = np.asarray(stops, dtype=np.float64)
+    return np.round(stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+def explain_figure(image, ratio, bits, title, predicted, runner_up):
+    """A PIL image of three panels, each about 160 pixels wide: the image as the model saw it
+    (uint8 [3, H, W]), upsampled; the log-likelihood ratio (nats: red where a pixel favours the
+    predicted label, blue where it favours the runner-up, white at zero) over a colour bar
+    symmetric about zero; the bits under the predicted label over a colour bar from zero."""
+    side, line = image.shape[-1] * max(1, 160 // image.shape[-1]), 13
+    margin, top, bar = 14, 14 + 3 * line, 10
+    figure = Image.new("RGB", (3 * side + 4 * margin, top + side + bar + 2 * line + 8), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.font = ImageFont.load_default_imagefont()  # the bitmap font: 20x faster than the default
+    bound = max(float(np.abs(ratio).max()), 1e-6)  # symmetric, so that white is zero
+    panels = [
+        (image.transpose(1, 2, 0), [f"predicted {predicted}", f"(runner-up {runner_up})"], None),
+        (colourize(ratio, -bound, bound, DIVERGING),
+         ["log-likelihood ratio", f"red {predicted}, blue {runner_up}",
+          f"sum {ratio.sum():+.2f} nats"], (-bound, bound, DIVERGING)),
+        (colourize(bits, 0, bits.max(), SEQUENTIAL),
+         [f"bits under {predicted}", f"{bits.mean() / 3:.3f} bits/dim"], (0, float(bits.max()), SEQUENTIAL)),
+    ]
+    draw.text((margin, 2), title, fill="black")
+    for p, (pixels, lines, scale_bar) in enumerate(panels):
+        x = margin + p * (side + margin)
+        for j, text in enumerate(lines):
+            draw.text((x, 4 + (j + 1) * line), text, fill="black")
+        panel = Image.fromarray(np.ascontiguousarray(pixels)).resize((side, side), Image.NEAREST)
+        figure.paste(panel, (x, top))
+        if scale_bar is None:
+            continue
+        low, high, stops = scale_bar
+        y = top + side + 4
+        ramp = colourize(np.linspace(low, high, side)[None].repeat(bar, axis=0), low, high, stops)
+        figure.paste(Image.fromarray(ramp), (x, y))
+        draw.rectangle([x, y, x + side - 1, y + bar - 1], outline="black")
+        for value, at in [(low, 0.0), (high, 1.0)] + ([(0.0, 0.5)] if low < 0 else []):
+            text = f"{value:.3g}"
+            draw.text((x + at * (side - 1) - at * draw.textlength(text), y + bar + 2), text, fill="black")
+    return figure
+
 
 # ---------------------------------------------------------------------------------------------
 # Input, output.
@@ -253,28 +341,112 @@ def build_parser():
     p.add_argument("--logits", default=None, help="also save log p(x|c) [N, K] (nats) as .npy")
     p.add_argument("--metrics-out", default=None,
                    help="save the metrics (labelled inputs) as JSON, and a reliability diagram beside it (.png)")
+    p.add_argument("--explain", default=None, metavar="DIR",
+                   help="write one PNG per image under DIR: the image, the per-pixel log-likelihood "
+                        "ratio of the predicted label to the runner-up, and the bits under the prediction")
+    p.add_argument("--explain-limit", type=int, default=None, metavar="N",
+                   help="explain only the first N images (default: all)")
+    p.add_argument("--explain-out", default=None, metavar="FILE",
+                   help="save the maps as .npz: ratio/<id> and bits/<id> [H, W], labels/<id> "
+                        "(predicted, runner-up)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def run(args):
+def check_options(args):
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for option, path in (("--out", args.out), ("--logits", args.logits),
-                         ("--metrics-out", args.metrics_out)):
+                         ("--metrics-out", args.metrics_out), ("--explain-out", args.explain_out)):
         if path is not None and os.path.isdir(path):
             raise UsageError(f"{option} {path} is a directory; give a file name")
+    if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
+        raise UsageError(f"--explain {args.explain} is a file; give a directory for the PNGs")
+    if args.explain_limit is not None:
+        if args.explain_limit < 1:
+            raise UsageError(f"--explain-limit must be >= 1, got {args.explain_limit}")
+        if args.explain is None and args.explain_out is None:
+            raise UsageError("--explain-limit needs --explain DIR or --explain-out FILE")
     if args.temperature is not None and not 0 < args.temperature < math.inf:
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
-    device = resolve_device(args.device)
+
+
+def shard(n, rank, world_size):
+    """This process's contiguous share of n inputs; the shards in rank order are the input order."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def gather_to_main(local, world_size):
+    """Every process's `local`, in rank order, on rank 0 (None on the others); [local] in a plain run."""
+    if world_size == 1:
+        return [local]
+    parts = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    return parts
+
+
+def score_all(model, paths, num_classes, args, rank, world_size, device, keep_maps):
+    """Score this process's shard and gather every shard on rank 0 -> (log p(x|c) of the images as
+    given [N, K], the scores that classify [N, K], their per-pixel terms for the first keep_maps
+    images [n, K, H, W]) on rank 0, None elsewhere. With --hflip the scores and the terms are the
+    means over the image and its mirror image. If any process fails (a corrupt image in its
+    shard), every process raises, and rank 0's error names the failure."""
+    mine = shard(len(paths), rank, world_size)
+    keep = max(0, min(keep_maps, mine.stop) - mine.start)
+
+    def score(mirror):
+        return score_images(model, paths[mine], num_classes, args.batch_size, device, mirror=mirror,
+                            progress=rank == 0 and not args.no_progress, keep_maps=keep)
+    error, result = None, None
+    try:
+        loglik, maps = score(mirror=False)
+        result = (loglik, loglik, maps)
+        if args.hflip:
+            mirrored, mirrored_maps = score(mirror=True)
+            result = (loglik, (loglik + mirrored) / 2, (maps + mirrored_maps) / 2)
+    except UsageError as err:  # also DataError
+        error = str(err)
+    parts = gather_to_main((error, result), world_size)
+    if not all_succeeded(error is None, device):
+        raise UsageError(next(e for e, _ in parts if e) if rank == 0 else "another process failed")
+    if rank != 0:
+        return None
+    return tuple(np.concatenate([r[i] for _, r in parts]) for i in range(3))
+
+
+def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
+    """One PNG per image under --explain, and the maps in --explain-out (.npz, keyed by id)."""
+    ratio, bits = evidence_maps(maps, ranking[:len(maps), 0], ranking[:len(maps), 1])
+    if args.explain is not None:
+        images = load_images(paths[:len(maps)], image_size, progress=False)  # as the model saw them
+    arrays = {}
+    for i, item_id in enumerate(ids[:len(maps)]):
+        predicted, runner_up = (class_name(c) for c in ranking[i, :2])
+        arrays.update({f"ratio/{item_id}": ratio[i].astype(np.float32),
+                       f"bits/{item_id}": bits[i].astype(np.float32), f"labels/{item_id}": ranking[i, :2]})
+        if args.explain is not None:
+            title = f"{item_id}: {predicted} (posterior {posteriors[i, ranking[i, 0]]:.3g})"
+            figure = explain_figure(images[i].numpy(), ratio[i], bits[i], title, predicted, runner_up)
+            path = os.path.join(args.explain, os.path.splitext(item_id)[0] + ".png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            figure.save(path, compress_level=1)  # as sample.py's images: no fsync; fast to encode
+    if args.explain_out is not None:
+        atomic_write(args.explain_out, lambda f: np.savez(f, **arrays))
+
+
+def run(args, rank, world_size, device):
+    say = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints
     model, state = load_model(args.checkpoint, device)
     num_classes = model.config["num_classes"]
     if num_classes < 1:
         raise UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
+    explaining = args.explain is not None or args.explain_out is not None
+    if explaining and num_classes < 2:
+        raise UsageError(f"--explain compares two labels; {args.checkpoint} has {num_classes}")
     temperature = args.temperature or state.get("temperature")
     if temperature is None:
-        print(f"{PROG}: {args.checkpoint} has no fitted temperature (it predates calibration): "
-              f"posteriors at T = 1, near-certain; pass --temperature T to set one")
+        say(f"{PROG}: {args.checkpoint} has no fitted temperature (it predates calibration): "
+            f"posteriors at T = 1, near-certain; pass --temperature T to set one")
         temperature = 1.0
 
     items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
@@ -285,23 +457,23 @@ def run(args):
             raise DataError(f"--prior train needs {train_csv}, which does not exist")
         train_items = read_split_csv(args.data_dir, train_csv, num_classes=num_classes)
         log_prior = log_prior_from_labels([label for _, label in train_items], num_classes)
-        print(f"prior from {train_csv}: " + ", ".join(
+        say(f"prior from {train_csv}: " + ", ".join(
             f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
 
     ids, labels = [i for i, _ in items], np.array([l for _, l in items], dtype=np.int64)
     source = csv_used if csv_used is not None else f"{args.data_dir} (folder)"
-    print(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
-          f"{model.config['image_size']}; device {device}")
+    processes = f"; {world_size} processes" if world_size > 1 else ""
+    say(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
+        f"{model.config['image_size']}; device {device}{processes}")
+    keep_maps = (args.explain_limit or len(paths)) if explaining else 0
     start = time.perf_counter()
-    loglik = score_images(model, paths, num_classes, args.batch_size, device,
-                          progress=not args.no_progress)
-    scores = loglik
-    if args.hflip:
-        mirrored = score_images(model, paths, num_classes, args.batch_size, device,
-                                progress=not args.no_progress, mirror=True)
-        scores = (loglik + mirrored) / 2
+    scored = score_all(model, paths, num_classes, args, rank, world_size, device, keep_maps)
     elapsed = time.perf_counter() - start
-    predictions, posteriors = predict(scores, log_prior, temperature)
+    if rank != 0:
+        return 0
+    loglik, scores, maps = scored
+    ranking, posteriors = rank_labels(scores, log_prior, temperature)
+    predictions = ranking[:, 0]
 
     metrics = None
     if labels.size and (labels >= 0).all():
@@ -323,6 +495,8 @@ def run(args):
         print(f"no metrics (the labels are unknown); {args.metrics_out} not written")
 
     text = csv_text(ids, predictions, scores, posteriors)
+    if explaining:
+        write_explanations(args, ids, paths, model.config["image_size"], maps, ranking, posteriors)
     if args.logits is not None:
         atomic_write(args.logits, lambda f: np.save(f, scores))
     if args.metrics_out is not None and metrics is not None:
@@ -337,10 +511,16 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    code, rank = EXIT_USER_ERROR, 0
     try:
-        return run(args)
+        check_options(args)
+        rank, world_size, device = join_processes(args.device)
+        code = run(args, rank, world_size, device)
     except UsageError as err:  # also DataError and CheckpointError
-        return report(PROG, err)
+        code = report(PROG, err) if rank == 0 else EXIT_USER_ERROR
+    finally:
+        leave_processes(succeeded=code == 0)
+    return code
 
 
 if __name__ == "__main__":

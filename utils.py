@@ -113,13 +113,20 @@ def sample_from_discretized_mix_logistic(params, generator=None, noise=None):
     return torch.stack([r, g, b], dim=1)
 
 
-def class_log_likelihoods(model, x, num_classes):
-    """log p(x | c) in nats for every label c, [B, K], from one forward pass over the batch
-    repeated K times (label-major: rows k*B..(k+1)*B-1 carry label k)."""
+def class_pixel_log_likelihoods(model, x, num_classes):
+    """log p(x_ij | x_<ij, c) in nats of each pixel (its R, G and B together) under every label c,
+    [B, K, H, W], from one forward pass over the batch repeated K times (label-major: rows
+    k*B..(k+1)*B-1 carry label k). Summed over H and W, it is class_log_likelihoods."""
     B = x.shape[0]
     labels = torch.arange(num_classes, device=x.device).repeat_interleave(B)  # [K*B]
-    params = model(x.repeat(num_classes, 1, 1, 1), labels)
-    return -discretized_mix_logistic_nll(x.repeat(num_classes, 1, 1, 1), params).view(num_classes, B).T
+    repeated = x.repeat(num_classes, 1, 1, 1)
+    log_probs = discretized_mix_logistic_log_probs(repeated, model(repeated, labels))  # [K*B, H, W]
+    return log_probs.view(num_classes, B, *log_probs.shape[1:]).transpose(0, 1)
+
+
+def class_log_likelihoods(model, x, num_classes):
+    """log p(x | c) in nats for every label c, [B, K]: the per-pixel terms summed."""
+    return class_pixel_log_likelihoods(model, x, num_classes).sum(dim=(2, 3))
 
 
 def log_posterior(log_likelihoods, log_prior=None, temperature=1.0):

@@ -283,8 +283,8 @@ def test_pure_metrics_functions():
     assert m["macro_f1"] == pytest.approx((2 / 5 + 4 / 6 + 0) / 3)
     lp = classify.log_prior_from_labels([0, 0, 0, 1, -1], 3)
     np.testing.assert_allclose(np.exp(lp), [0.75, 0.25, 0.0])
-    pred, post = classify.predict(np.array([[-10.0, -11.0, -30.0]]), np.log([0.1, 0.9, 1e-300]))
-    assert pred.tolist() == [1]
+    ranking, post = classify.rank_labels(np.array([[-10.0, -11.0, -30.0]]), np.log([0.1, 0.9, 1e-300]))
+    assert ranking.tolist() == [[1, 0, 2]]  # the prediction, the runner-up, the rest
     np.testing.assert_allclose(post.sum(), 1.0)
 
 
@@ -470,3 +470,142 @@ def test_a_checkpoint_without_a_temperature_still_works_and_says_so(trained, cpe
                               "--out", tmp_path / "q.csv", "--temperature", bad)
         assert rc == 2 and "--temperature must be a positive number" in err, (bad, err)
     assert not (tmp_path / "q.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence maps (--explain): per-pixel terms from the scoring pass, adding up to the CSV.
+
+def csv_log_likelihoods(path):
+    _, rows = read_csv(path)
+    return [r[0] for r in rows], np.array([int(r[1]) for r in rows]), np.array(
+        [[float(v) for v in r[2:2 + K]] for r in rows])
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_explain_maps_add_up_to_the_csv(trained, cpen_root, tmp_path, capsys, hflip):
+    """The ratio map sums to log p(x|predicted) - log p(x|runner-up) as the CSV has them (with
+    --hflip, the mean over the image and its mirror, as the CSV has too), the bits map to the
+    predicted label's NLL in bits; only the first --explain-limit images get maps and PNGs."""
+    ckpt, model = trained
+    out, maps_path, folder = tmp_path / "pred.csv", tmp_path / "maps.npz", tmp_path / "explain"
+    rc, _, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val", "--out", out,
+                          "--explain", folder, "--explain-out", maps_path, "--explain-limit", 4,
+                          "--batch-size", 3, *(["--hflip"] if hflip else []))
+    assert rc == 0, err
+    ids, predictions, loglik = csv_log_likelihoods(out)
+    maps = np.load(maps_path)
+    assert len(maps.files) == 3 * 4
+    x = to_model_input(load_images([str(cpen_root / i) for i in ids[:4]], SIZE))
+    with torch.no_grad():  # each pixel's terms; a mirror's flipped back onto the pixels they score
+        terms = utils.class_pixel_log_likelihoods(model, x, K).double().numpy()  # [4, K, H, W]
+        if hflip:
+            terms = (terms + utils.class_pixel_log_likelihoods(model, x.flip(-1), K).flip(-1).double().numpy()) / 2
+    for i, item_id in enumerate(ids[:4]):
+        predicted, runner_up = maps[f"labels/{item_id}"]
+        assert predicted == predictions[i] and runner_up == np.argsort(-loglik[i])[1]  # uniform prior
+        ratio, bits = maps[f"ratio/{item_id}"], maps[f"bits/{item_id}"]
+        np.testing.assert_allclose(ratio, terms[i, predicted] - terms[i, runner_up], atol=1e-4)
+        assert ratio.shape == bits.shape == (SIZE, SIZE) and (bits > 0).all()
+        assert ratio.sum(dtype=np.float64) == pytest.approx(loglik[i, predicted] - loglik[i, runner_up], abs=1e-4)
+        assert bits.sum(dtype=np.float64) == pytest.approx(-loglik[i, predicted] / math.log(2), abs=1e-4)
+        with Image.open(folder / (os.path.splitext(item_id)[0] + ".png")) as figure:
+            assert figure.mode == "RGB" and figure.size[0] > 3 * SIZE
+    assert sorted(os.listdir(folder / "val")) == sorted(os.path.basename(os.path.splitext(i)[0]) + ".png"
+                                                         for i in ids[:4])
+
+
+def test_explain_needs_no_second_forward_pass(trained, cpen_root, tmp_path, capsys, monkeypatch):
+    ckpt, model = trained
+    calls = []
+    score = utils.class_pixel_log_likelihoods
+    monkeypatch.setattr(utils, "class_pixel_log_likelihoods", lambda *a: calls.append(1) or score(*a))
+    for extra in ([], ["--explain", tmp_path / "explain"]):
+        calls.clear()
+        rc, _, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val",
+                              "--out", tmp_path / "p.csv", "--batch-size", 4, *extra)
+        assert rc == 0, err
+        assert len(calls) == 3  # 9 images in batches of 4, explained or not
+
+
+def test_colour_maps():
+    white = classify.DIVERGING[len(classify.DIVERGING) // 2]
+    assert classify.colourize(np.zeros(1), -2.0, 2.0, classify.DIVERGING)[0].tolist() == list(white)
+    ends = classify.colourize(np.array([-5.0, 5.0]), -2.0, 2.0, classify.DIVERGING)  # clipped
+    assert ends.tolist() == [list(classify.DIVERGING[0]), list(classify.DIVERGING[-1])]
+
+
+def test_bad_explain_options_exit_2_one_line_no_csv(trained, cpen_root, tmp_path, capsys):
+    ckpt, _ = trained
+    a_file, a_dir = tmp_path / "taken.png", tmp_path / "adir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    cases = {"--explain is a file": (["--explain", a_file], "taken.png"),
+             "limit 0": (["--explain", tmp_path / "e", "--explain-limit", 0], "--explain-limit"),
+             "limit negative": (["--explain", tmp_path / "e", "--explain-limit", -3], "--explain-limit"),
+             "limit alone": (["--explain-limit", 2], "--explain-limit"),
+             "--explain-out is a directory": (["--explain-out", a_dir], "adir")}
+    out = tmp_path / "pred.csv"
+    for name, (argv, needle) in cases.items():
+        rc, _, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--out", out, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (name, err)
+        assert not out.exists() and not (tmp_path / "e").exists(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torchrun: every process scores a shard, rank 0 writes what one process would.
+
+def run_torchrun(*argv):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "classify.py"), *map(str, argv), "--device", "cpu", "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_torchrun_two_processes_gloo_write_what_one_does(trained, cpen_root, tmp_path, capsys):
+    """9 images over 2 processes (4 and 5): the CSV, the logits, the metrics and the maps (for 6
+    images, from both shards) are those of one process, in input order, printed once."""
+    ckpt, _ = trained
+    outputs = {}
+    for name in ("one", "two"):
+        folder = tmp_path / name
+        argv = ["--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val", "--out", folder / "p.csv",
+                "--logits", folder / "ll.npy", "--metrics-out", folder / "m.json",
+                "--explain-out", folder / "maps.npz", "--explain-limit", 6, "--batch-size", 2]
+        if name == "one":
+            rc, stdout, err = run_main(capsys, *argv)
+        else:
+            result = run_torchrun(*argv)
+            rc, stdout, err = result.returncode, result.stdout, result.stderr
+        assert rc == 0, err[-3000:]
+        outputs[name] = folder, stdout
+    (one, _), (two, stdout) = outputs["one"], outputs["two"]
+    assert stdout.count("macro F1") == 1 and "2 processes" in stdout  # rank 0 alone prints
+    ids, predictions, loglik = csv_log_likelihoods(two / "p.csv")
+    assert ids == csv_ids(cpen_root / "val.csv")
+    ids1, predictions1, loglik1 = csv_log_likelihoods(one / "p.csv")
+    np.testing.assert_array_equal(predictions, predictions1)
+    np.testing.assert_allclose(loglik, loglik1, rtol=1e-6)
+    np.testing.assert_allclose(np.load(two / "ll.npy"), np.load(one / "ll.npy"), rtol=1e-6)
+    metrics, metrics1 = (json.loads((d / "m.json").read_text()) for d in (two, one))
+    assert metrics["confusion_matrix"] == metrics1["confusion_matrix"]
+    assert metrics["bits_per_dim"] == pytest.approx(metrics1["bits_per_dim"], rel=1e-6)
+    maps, maps1 = np.load(two / "maps.npz"), np.load(one / "maps.npz")
+    assert sorted(maps.files) == sorted(maps1.files) and len(maps.files) == 3 * 6
+    for key in maps.files:
+        np.testing.assert_allclose(maps[key], maps1[key], rtol=1e-5, atol=1e-5)
+
+
+def test_torchrun_a_failure_in_one_shard_ends_the_run_with_one_line(trained, tmp_path):
+    """The corrupt image is the last one: only rank 1's shard has it. Rank 0 reports it, once."""
+    ckpt, _ = trained
+    folder = tmp_path / "imgs"
+    for i, image in enumerate(class_images([0, 1, 2], seed=4)):
+        write_image(str(folder / f"{i}.png"), image)
+    (folder / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "p.csv"
+    result = run_torchrun("--checkpoint", ckpt, "--data-dir", folder, "--out", out)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("classify.py")]
+    assert len(ours) == 1 and "9.png" in ours[0], result.stderr[-3000:]
+    assert not out.exists()

@@ -6,7 +6,7 @@ from scipy.stats import chisquare
 
 from conftest import randomize_label_parameters
 from model import build_model
-from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods,
+from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
                    discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, fit_temperature,
                    log_posterior, reliability, sample_from_discretized_mix_logistic, snap_to_levels,
                    training_loss)
@@ -53,6 +53,20 @@ def test_class_log_likelihoods_equal_a_loop_over_labels():
     assert torch.allclose(scores, loop, rtol=1e-5)
     posterior = log_posterior(scores, torch.log(torch.tensor([0.2, 0.3, 0.5])))
     assert torch.allclose(posterior.exp().sum(1), torch.ones(3, dtype=torch.float64))
+
+
+def test_class_pixel_log_likelihoods_are_each_pixels_share():
+    """The per-pixel terms under label c are those of a plain forward pass with label c, and they
+    sum to log p(x|c): the evidence maps of classify.py --explain add up to its scores."""
+    torch.manual_seed(0)
+    model = randomize_label_parameters(build_model(TINY)).eval()
+    x = snap_to_levels(torch.rand(3, 3, 8, 8) * 2 - 1)
+    maps = class_pixel_log_likelihoods(model, x, 3)
+    assert maps.shape == (3, 3, 8, 8)
+    for c in range(3):
+        alone = discretized_mix_logistic_log_probs(x, model(x, torch.full((3,), c)))  # [3, 8, 8]
+        assert torch.allclose(maps[:, c], alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(maps.sum(dim=(2, 3)), class_log_likelihoods(model, x, 3))
 
 
 @pytest.mark.parametrize("fill", [-1.0, 1.0, 0.0])
