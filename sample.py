@@ -3,11 +3,26 @@
     python sample.py --checkpoint C --out-dir samples/ [--n-per-class 25] [--classes 0,2]
                      [--batch-size N] [--seed S] [--device auto|cpu|cuda] [--sampler fast|naive]
                      [--fid-ref DIR] [--fid-ref-split train] [--fid-dims 2048] [--fid-weights PATH]
+    python sample.py --checkpoint C --out-dir completions/ --complete DIR [--keep-rows R] ...
+    torchrun --nproc_per_node=N sample.py ...
 
 Writes <out-dir>/grid_ClassK.png (one grid per class) and <out-dir>/ClassK/0000.png, ... (single
 8-bit PNGs), with the checkpoint's EMA weights. The same --seed (and --batch-size) gives the same
 images: the images of class K, batch b come from a generator seeded with a number derived from
 (--seed, K, b) alone, so they do not depend on which other classes are drawn.
+
+--complete DIR keeps the top --keep-rows rows (default: half) of each image in DIR (read
+recursively, resized to the model's image size) and samples the rest under each label, or under
+--classes, --n-per-class times (default 1). It writes <out-dir>/completions/<image>.png, one row per
+completion: the original, the kept rows (the rest grey), then one completion per label (the
+original and the kept rows in the first row only); and <out-dir>/grid_completions.png, those rows
+of every image. The kept rows come back unchanged. A batch holds completions of one label (default:
+all of them; --batch-size N splits them), seeded as above.
+
+Under torchrun (nccl on GPUs, gloo on CPUs), the batches are shared out between the processes
+and rank 0 writes every file: the files are those of one process with the same --seed and
+--batch-size. Only rank 0 prints; FID is computed once, on rank 0. The work is split by batch, so
+to spread one class's images over several processes, pass a --batch-size below --n-per-class.
 
 --sampler fast (default) is the cached sampler of sampling.py; --sampler naive is the reference,
 one full forward pass per pixel. Both draw the same random numbers in the same order.
@@ -31,18 +46,23 @@ import os
 import re
 import sys
 import time
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
 import fid
 from checkpoint import load_model
-from config import ArgumentParser, UsageError, report, resolve_device, reuse_freed_memory
-from dataset import class_name
+from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, join_processes, leave_processes, report,
+                    reuse_freed_memory)
+from dataset import DataError, class_name, image_path, list_image_folder, load_images
 from sampling import derive_seed, generate
 
 PROG = "sample.py"
 UNCONDITIONAL_NAME = "Unconditional"
+GREY = 128  # what replaces the rows that completion samples, in the grids' "kept" column
 
 
 def build_parser():
@@ -55,14 +75,20 @@ def build_parser():
                       "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's releases.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     p.add_argument("--out-dir", required=True, help="where grid_ClassK.png and ClassK/NNNN.png go")
-    p.add_argument("--n-per-class", type=int, default=25, metavar="N", help="images per class (default 25)")
+    p.add_argument("--n-per-class", type=int, default=None, metavar="N",
+                   help="images per class (default 25); with --complete, completions per image and label (default 1)")
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: all)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="images per sampling batch (default: --n-per-class); part of what --seed fixes")
+                   help="images per sampling batch (default: --n-per-class, or with --complete all of "
+                   "a label's completions); part of what --seed fixes")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--sampler", choices=("fast", "naive"), default="fast",
                    help="fast: cached incremental sampler (default); naive: one forward pass per pixel")
+    p.add_argument("--complete", default=None, metavar="DIR",
+                   help="complete the images in DIR below their top --keep-rows rows, under every label")
+    p.add_argument("--keep-rows", type=int, default=None, metavar="R",
+                   help="with --complete: rows kept from the top (default: half the image)")
     p.add_argument("--fid-ref", default=None, metavar="DIR", help="compute FID against the images in DIR (see below)")
     p.add_argument("--fid-ref-split", default="train",
                    help="for a CPEN455-layout --fid-ref: which <split>.csv (default train)")
@@ -78,61 +104,217 @@ def build_parser():
 def main(argv=None, extractor=None):
     """The CLI. `extractor` replaces pytorch-fid's Inception (tests pass a tiny network)."""
     args = build_parser().parse_args(argv)
+    code, together = EXIT_USER_ERROR, False
     try:
-        return run(args, extractor)
+        code = run(args, extractor)
+        together = True
     except UsageError as err:  # also DataError, CheckpointError and FIDWeightsError
-        return report(PROG, err)
+        code = report(PROG, err) if os.environ.get("RANK", "0") == "0" else EXIT_USER_ERROR
+        together = isinstance(err, SharedError)
+    finally:
+        leave_processes(succeeded=together)
+    return code
+
+
+class SharedError(UsageError):
+    """An error that every process raises at the same point (first_error): under torchrun, rank 0
+    says it, and the processes leave together, so that none is stopped before rank 0 has spoken."""
+
+
+class Job(NamedTuple):
+    """What a run draws: the model, the classes, and for completion the given images."""
+    model: torch.nn.Module
+    classes: list            # class indices, or [None] for an unconditional model
+    n_per_class: int         # images per class, or completions per image and label
+    given: torch.Tensor      # --complete: uint8 [N, 3, S, S]; None otherwise
+    ids: list                # --complete: the images' ids in their folder
+    keep_rows: int           # --complete: rows kept from the top; 0 otherwise
+
+
+class Batch(NamedTuple):
+    """Items lo..hi-1 of class k (item t of a completion: image t // n_per_class), batch number
+    `chunk` of the class, seeded by derive_seed(--seed, k, chunk)."""
+    k: object  # a class index, or None (unconditional)
+    chunk: int
+    lo: int
+    hi: int
 
 
 def run(args, extractor=None):
-    check_args(args)
-    device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, device)
-    num_classes, size = model.config["num_classes"], model.config["image_size"]
-    classes = parse_classes(args.classes, num_classes)
+    rank, world_size, device = join_processes(args.device)
+    is_main = rank == 0
+    job = ref = error = None
+    try:
+        job = prepare(args, device)
+        # FID set-up first: a missing weights file or a bad reference folder should stop us
+        # before minutes of sampling, not after. Features are needed once, on rank 0.
+        if is_main and args.fid_ref is not None:
+            if extractor is None:
+                extractor = fid.inception_extractor(args.fid_dims, args.fid_weights, device)
+            ref = reference_features(args, extractor, device, job.model.config["num_classes"],
+                                     job.model.config["image_size"], job.classes)
+    except UsageError as err:
+        error = str(err)
+    error = first_error(error)
+    if error is not None:
+        raise SharedError(error)
 
-    # FID set-up first: a missing weights file or a bad reference folder should stop us before
-    # minutes of sampling, not after.
-    ref = None
-    if args.fid_ref is not None:
-        if extractor is None:
-            extractor = fid.inception_extractor(args.fid_dims, args.fid_weights, device)
-        ref = reference_features(args, extractor, device, num_classes, size, classes)
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    print(f"{PROG}: {args.n_per_class} images x {len(classes)} "
-          f"{'class' if len(classes) == 1 else 'classes'} of {size}x{size}, sampler {args.sampler}, "
-          f"seed {args.seed}, device {device}")
-    all_images, all_labels = [], []
+    batches = plan_batches(job, args.batch_size)
+    if is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(describe(args, job, device, world_size))
     start = time.perf_counter()
-    for k in classes:
-        name = UNCONDITIONAL_NAME if k is None else class_name(k)
-        images = draw_class(model, k, name, args)  # uint8 [n_per_class, 3, S, S]
-        grid_path, folder, stale = save_images(images, args.out_dir, name)
-        note = f" (the folder also holds {stale} PNGs from an earlier, larger run)" if stale else ""
-        print(f"{name}: wrote {grid_path} and {len(images)} images in {folder}{note}")
-        all_images.append(images)
-        all_labels += [-1 if k is None else k] * len(images)
+    mine = {b: draw_batch(job, b, args, progress=is_main) for b in batches[rank::world_size]}
+    drawn = gather_on_main(mine)
+    if not is_main:
+        return 0
+    per_class = {k: torch.cat([drawn[b] for b in batches if b.k == k]) for k in job.classes}
     elapsed = time.perf_counter() - start
-    total = sum(len(x) for x in all_images)
+    total = sum(len(x) for x in per_class.values())
+    if job.given is None:
+        save_samples(per_class, args.out_dir)
+    else:
+        save_completions(job, per_class, args.out_dir)
     print(f"{PROG}: {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} images/s)")
 
     if ref is not None:
-        gen_feats = fid.extract_features(torch.cat(all_images), extractor, args.fid_batch_size, device)
+        all_images = torch.cat(list(per_class.values()))
+        all_labels = [-1 if k is None else k for k, x in per_class.items() for _ in x]
+        gen_feats = fid.extract_features(all_images, extractor, args.fid_batch_size, device)
         score_fid(args, gen_feats, all_labels, *ref)
     return 0
 
 
+def prepare(args, device):
+    """Check the command line, load the model and any images to complete -> Job."""
+    check_args(args)
+    model, _ = load_model(args.checkpoint, device)
+    classes = parse_classes(args.classes, model.config["num_classes"])
+    if args.complete is None:
+        return Job(model, classes, args.n_per_class or 25, None, [], 0)
+    size = model.config["image_size"]
+    keep_rows = size // 2 if args.keep_rows is None else args.keep_rows
+    if not 1 <= keep_rows <= size - 1:
+        raise UsageError(f"--keep-rows {keep_rows}: the model's images have {size} rows, so keep 1..{size - 1}")
+    ids = [item_id for item_id, _ in list_image_folder(args.complete)]
+    paths = [image_path(args.complete, None, item_id) for item_id in ids]
+    given = load_images(paths, size)  # uint8 [N, 3, S, S]
+    for path in paths:  # the model's images are square: another shape would be stretched
+        width, height = Image.open(path).size
+        if width != height:
+            raise DataError(f"{path}: {width}x{height}; completion takes square images "
+                            f"(resized to the model's {size}x{size})")
+    stems = [os.path.splitext(item_id)[0] for item_id in ids]
+    if len(set(stems)) < len(stems):
+        raise DataError(f"{args.complete}: two images differ only by their extension, so their grids "
+                        f"would share a name")
+    return Job(model, classes, args.n_per_class or 1, given, ids, keep_rows)
+
+
 def check_args(args):
-    for option in ("n_per_class", "fid_batch_size"):
-        if getattr(args, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for option in ("n_per_class", "batch_size", "fid_batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
+    if args.complete is None and args.keep_rows is not None:
+        raise UsageError("--keep-rows goes with --complete DIR")
+    if args.complete is not None and args.fid_ref is not None:
+        raise UsageError("--fid-ref scores drawn images, not completions: drop it or --complete")
+
+
+def first_error(error):
+    """The first rank's error message (or None), on every rank: if one process cannot go on,
+    none starts sampling. In a plain run, `error` itself."""
+    if not dist.is_initialized():
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def gather_on_main(share):
+    """Every rank's share {Batch: images} merged on rank 0 (None on the others); in a plain run,
+    `share` itself."""
+    if not dist.is_initialized():
+        return share
+    shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(share, shares, dst=0)
+    return None if shares is None else {b: x for one in shares for b, x in one.items()}
+
+
+def describe(args, job, device, world_size):
+    size = job.model.config["image_size"]
+    what = (f"{job.n_per_class} images x {len(job.classes)} "
+            f"{'class' if len(job.classes) == 1 else 'classes'} of {size}x{size}")
+    if job.given is not None:
+        what = (f"completing {len(job.given)} images below row {job.keep_rows} of {size}, "
+                f"{job.n_per_class} per label x {len(job.classes)} labels")
+    processes = f", {world_size} processes" if world_size > 1 else ""
+    return f"{PROG}: {what}, sampler {args.sampler}, seed {args.seed}, device {device}{processes}"
+
+
+def plan_batches(job, batch_size):
+    """Every sampling batch of the run, class by class, in order."""
+    n_items = job.n_per_class * (1 if job.given is None else len(job.given))
+    batch_size = batch_size or n_items
+    return [Batch(k, chunk, lo, min(lo + batch_size, n_items))
+            for k in job.classes for chunk, lo in enumerate(range(0, n_items, batch_size))]
+
+
+def draw_batch(job, batch, args, progress):
+    """One batch's uint8 images [hi - lo, 3, S, S], on the CPU."""
+    size, n = job.model.config["image_size"], batch.hi - batch.lo
+    name = UNCONDITIONAL_NAME if batch.k is None else class_name(batch.k)
+    labels = None if batch.k is None else torch.full((n,), batch.k, dtype=torch.long)
+    given = None
+    if job.given is not None:  # item t completes image t // n_per_class
+        given = job.given[torch.arange(batch.lo, batch.hi) // job.n_per_class]
+    bar = tqdm(total=(size - job.keep_rows) * size, desc=f"{name} batch {batch.chunk + 1}", unit="px",
+               disable=True if args.no_progress or not progress else None, leave=False, dynamic_ncols=True)
+    try:
+        seed = derive_seed(args.seed, -1 if batch.k is None else batch.k, batch.chunk)
+        return generate(job.model, labels, args.sampler, seed, n=n, progress=bar, given=given,
+                        keep_rows=job.keep_rows).cpu()
+    finally:
+        bar.close()
+
+
+def save_samples(per_class, out_dir):
+    """Each class's grid and single PNGs (save_images), said class by class."""
+    for k, images in per_class.items():
+        name = UNCONDITIONAL_NAME if k is None else class_name(k)
+        grid_path, folder, stale = save_images(images, out_dir, name)
+        note = f" (the folder also holds {stale} PNGs from an earlier, larger run)" if stale else ""
+        print(f"{name}: wrote {grid_path} and {len(images)} images in {folder}{note}")
+
+
+def save_completions(job, per_class, out_dir):
+    """<out_dir>/completions/<image>.png and <out_dir>/grid_completions.png. A row per completion:
+    the original, the kept rows, one completion per label; the first two cells in the first row only."""
+    import torchvision
+    n, columns = job.n_per_class, 2 + len(job.classes)
+    kept = job.given.clone()
+    kept[:, :, job.keep_rows:] = GREY
+    cells = torch.zeros(len(job.given), n, columns, *job.given.shape[1:], dtype=torch.uint8)  # [N, n, 2 + K, 3, S, S]
+    cells[:, 0, 0], cells[:, 0, 1] = job.given, kept
+    for column, images in enumerate(per_class.values(), start=2):
+        cells[:, :, column] = images.view(len(job.given), n, *images.shape[1:])
+
+    def save(rows, path):  # rows: [R, 2 + K, 3, S, S]
+        torchvision.utils.save_image(rows.flatten(0, 1).float() / 255.0, path, nrow=columns, padding=2)
+
+    for item_id, rows in zip(job.ids, cells):
+        path = os.path.join(out_dir, "completions", os.path.splitext(item_id)[0] + ".png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save(rows, path)
+    save(cells.flatten(0, 1), os.path.join(out_dir, "grid_completions.png"))
+    print(f"wrote {len(job.ids)} grids in {os.path.join(out_dir, 'completions')} and "
+          f"{os.path.join(out_dir, 'grid_completions.png')} (columns: original, kept rows, "
+          + ", ".join("unconditional" if k is None else class_name(k) for k in job.classes) + ")")
 
 
 def parse_classes(text, num_classes):
@@ -163,31 +345,10 @@ def reference_features(args, extractor, device, num_classes, size, classes):
     return fid.extract_features(images, extractor, args.fid_batch_size, device), labels
 
 
-def draw_class(model, k, name, args):
-    """--n-per-class uint8 images [N, 3, S, S] of class k (None: unconditional), in batches of
-    --batch-size, batch b seeded by derive_seed(--seed, k, b)."""
-    size = model.config["image_size"]
-    batch_size = args.batch_size or args.n_per_class
-    n_chunks = math.ceil(args.n_per_class / batch_size)
-    chunks = []
-    for chunk in range(n_chunks):
-        n = min(batch_size, args.n_per_class - chunk * batch_size)
-        labels = None if k is None else torch.full((n,), k, dtype=torch.long)
-        bar = tqdm(total=size * size, desc=f"{name} batch {chunk + 1}/{n_chunks}", unit="px",
-                   disable=True if args.no_progress else None, leave=False, dynamic_ncols=True)
-        try:
-            seed = derive_seed(args.seed, -1 if k is None else k, chunk)
-            chunks.append(generate(model, labels, args.sampler, seed, n=n, progress=bar).cpu())
-        finally:
-            bar.close()
-    return torch.cat(chunks)
-
-
 def save_images(images, out_dir, name):
     """uint8 [N, 3, H, W] -> <out_dir>/grid_<name>.png and <out_dir>/<name>/0000.png, ...
     Returns (grid path, folder, how many older PNGs in the folder this run did not overwrite)."""
     import torchvision
-    from PIL import Image
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     images = images.cpu()

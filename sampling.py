@@ -92,7 +92,7 @@ def sample_raster(network, model, labels, generator, progress, n, start=None, ke
     if keep_rows:
         if start is None or start.shape != images.shape or not 0 < keep_rows <= size:
             raise ValueError(f"keep_rows {keep_rows} needs start images of shape {list(images.shape)} "
-                             f"and 0 <= keep_rows <= {size}")
+                             f"and 1 <= keep_rows <= {size}")
         images[:, :, :keep_rows] = start[:, :, :keep_rows]
         net.take_rows(images, keep_rows)
     for i in range(keep_rows, size):

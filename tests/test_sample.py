@@ -1,6 +1,7 @@
-"""sample.py, the CLI: the files it writes and their seeding, bad inputs, FID through the CLI
-against a direct computation with a stand-in feature extractor, the warnings, a local Inception
-weights file, and missing Inception weights offline."""
+"""sample.py, the CLI: the files it writes and their seeding, completion (--complete), bad inputs,
+two processes under torchrun, FID through the CLI against a direct computation with a stand-in
+feature extractor, the warnings, a local Inception weights file, and missing Inception weights
+offline."""
 import json
 import os
 import subprocess
@@ -13,11 +14,13 @@ from PIL import Image
 
 import sample
 from checkpoint import save_checkpoint
+from dataset import load_images
 from model import build_model
 from sampling import derive_seed, generate
 from test_fid import StandIn, features_of_folder, frechet_direct, random_inception_weights, write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 K = 3
 SIZE = 8
@@ -114,6 +117,125 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
         assert lines[0].startswith("sample.py: error:")
         assert not out.exists(), "nothing sampled before the inputs are checked"
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion.
+
+def write_images(folder, names, size=(16, 16), seed=0):
+    """Random RGB images (16x16: resized to the model's 8x8) under `folder`."""
+    rng = np.random.RandomState(seed)
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        Image.fromarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(folder, name))
+
+
+def grid_cells(path, columns):
+    """A grid PNG (padding 2) -> uint8 cells [rows, columns, 3, SIZE, SIZE]."""
+    grid = read_png(path)
+    rows = (grid.shape[1] - 2) // (SIZE + 2)
+    return torch.stack([torch.stack([grid[:, 2 + r * (SIZE + 2):2 + r * (SIZE + 2) + SIZE,
+                                          2 + c * (SIZE + 2):2 + c * (SIZE + 2) + SIZE]
+                                     for c in range(columns)]) for r in range(rows)])
+
+
+def test_complete_writes_a_grid_per_image(ckpt, tmp_path, capsys):
+    """Two images, 2 completions each under every label, batches of 3: a grid per image (rows:
+    completions; columns: original, kept rows, Class0..2) and one of all; the kept rows bit for
+    bit; each batch is generate()'s, seeded by derive_seed(seed, k, batch)."""
+    path, model = ckpt
+    images = tmp_path / "images"
+    write_images(images, ["a.png", "sub/b.jpg"])
+    out = tmp_path / "out"
+    argv = ["--checkpoint", path, "--complete", images, "--keep-rows", 3, "--n-per-class", 2,
+            "--batch-size", 3, "--seed", 5]
+    rc, stdout, err = run_main(capsys, *argv, "--out-dir", out)
+    assert rc == 0, err
+    assert sorted(os.listdir(out)) == ["completions", "grid_completions.png"]
+    given = load_images([images / "a.png", images / "sub" / "b.jpg"], SIZE)
+    a, b = grid_cells(out / "completions" / "a.png", 5), grid_cells(out / "completions" / "sub" / "b.png", 5)
+    assert a.shape == b.shape == (2, 5, 3, SIZE, SIZE)
+    assert torch.equal(grid_cells(out / "grid_completions.png", 5), torch.cat([a, b]))
+    assert torch.equal(a[0, 0], given[0]) and torch.equal(b[0, 0], given[1])
+    assert torch.equal(a[0, 1, :, :3], given[0, :, :3]) and (a[0, 1, :, 3:] == 128).all()
+    assert (a[1, :2] == 0).all()  # the original and the kept rows in the first row only
+    for cells, image in ((a, given[0]), (b, given[1])):
+        assert torch.equal(cells[:, 2:, :, :3], image[:, :3].expand(2, K, -1, -1, -1))  # bit for bit
+    # Class1's completions: items (a, a, b) in batch 0, (b) in batch 1
+    first = generate(model, torch.tensor([1, 1, 1]), "fast", seed=derive_seed(5, 1, 0),
+                     given=given[[0, 0, 1]], keep_rows=3)
+    assert torch.equal(torch.stack([a[0, 3], a[1, 3], b[0, 3]]), first)
+    assert not torch.equal(a[0, 3], a[1, 3])  # two completions, not one twice
+    assert not torch.equal(a[0, 2], a[0, 3])  # each label its own
+
+    again = tmp_path / "again"
+    assert run_main(capsys, *argv, "--out-dir", again)[0] == 0
+    assert (again / "grid_completions.png").read_bytes() == (out / "grid_completions.png").read_bytes()
+
+
+def test_complete_bad_inputs(ckpt, tmp_path, capsys):
+    path, _ = ckpt
+    write_images(tmp_path / "good", ["a.png"])
+    write_images(tmp_path / "wide", ["a.png"])
+    write_images(tmp_path / "wide", ["wide.png"], size=(16, 8))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
+    cases = [
+        (["--complete", tmp_path / "broken"], "bad.png"),
+        (["--complete", tmp_path / "wide"], "wide.png"),
+        (["--complete", tmp_path / "absent"], "absent"),
+        (["--complete", tmp_path / "good", "--keep-rows", 0], "--keep-rows 0"),
+        (["--complete", tmp_path / "good", "--keep-rows", SIZE], f"--keep-rows {SIZE}"),
+        (["--keep-rows", 2], "--keep-rows"),
+    ]
+    for argv, needle in cases:
+        out = tmp_path / "out"
+        rc, _, err = run_main(capsys, "--checkpoint", path, *argv, "--out-dir", out)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
+        assert not out.exists(), "nothing sampled before the inputs are checked"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes under torchrun (gloo on the CPU).
+
+def torchrun(*argv):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "sample.py"), *map(str, argv), "--no-progress", "--device", "cpu"]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+
+
+def files_of(folder):
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_torchrun_two_processes_write_the_files_of_one(ckpt, tmp_path, capsys):
+    """Samples (3 classes x 2 batches) and completions (3 labels x 2 batches), each shared out
+    between two processes: the same files, byte for byte, as one process writes; rank 0 alone
+    prints."""
+    path, _ = ckpt
+    write_images(tmp_path / "images", ["a.png", "b.png", "c.png"])
+    runs = {"samples": ["--n-per-class", 3, "--batch-size", 2],
+            "completions": ["--complete", tmp_path / "images", "--batch-size", 2]}
+    for name, argv in runs.items():
+        argv = ["--checkpoint", path, "--seed", 3, *argv]
+        result = torchrun(*argv, "--out-dir", tmp_path / f"two_{name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("sample.py:") == 2  # the first and the last line, once each
+        assert run_main(capsys, *argv, "--out-dir", tmp_path / f"one_{name}")[0] == 0
+        one, two = files_of(tmp_path / f"one_{name}"), files_of(tmp_path / f"two_{name}")
+        assert len(one) > 3 and one == two
+
+
+def test_torchrun_a_failure_on_one_rank_stops_all(ckpt, tmp_path):
+    """FID is set up on rank 0 alone; its error stops both processes before any sampling: one
+    line, a non-zero exit, no output folder."""
+    path, _ = ckpt
+    result = torchrun("--checkpoint", path, "--out-dir", tmp_path / "out", "--fid-ref", tmp_path,
+                      "--fid-weights", tmp_path / "absent.pth")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sample.py: error:")]
+    assert result.returncode != 0 and len(errors) == 1 and "absent.pth" in errors[0], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
