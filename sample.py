@@ -200,7 +200,8 @@ def prepare(args, device):
     paths = [image_path(args.complete, None, item_id) for item_id in ids]
     given = load_images(paths, size)  # uint8 [N, 3, S, S]
     for path in paths:  # the model's images are square: another shape would be stretched
-        width, height = Image.open(path).size
+        with Image.open(path) as image:
+            width, height = image.size
         if width != height:
             raise DataError(f"{path}: {width}x{height}; completion takes square images "
                             f"(resized to the model's {size}x{size})")
@@ -257,6 +258,10 @@ def describe(args, job, device, world_size):
     return f"{PROG}: {what}, sampler {args.sampler}, seed {args.seed}, device {device}{processes}"
 
 
+def label_name(k):
+    return UNCONDITIONAL_NAME if k is None else class_name(k)
+
+
 def plan_batches(job, batch_size):
     """Every sampling batch of the run, class by class, in order."""
     n_items = job.n_per_class * (1 if job.given is None else len(job.given))
@@ -268,7 +273,7 @@ def plan_batches(job, batch_size):
 def draw_batch(job, batch, args, progress):
     """One batch's uint8 images [hi - lo, 3, S, S], on the CPU."""
     size, n = job.model.config["image_size"], batch.hi - batch.lo
-    name = UNCONDITIONAL_NAME if batch.k is None else class_name(batch.k)
+    name = label_name(batch.k)
     labels = None if batch.k is None else torch.full((n,), batch.k, dtype=torch.long)
     given = None
     if job.given is not None:  # item t completes image t // n_per_class
@@ -286,7 +291,7 @@ def draw_batch(job, batch, args, progress):
 def save_samples(per_class, out_dir):
     """Each class's grid and single PNGs (save_images), said class by class."""
     for k, images in per_class.items():
-        name = UNCONDITIONAL_NAME if k is None else class_name(k)
+        name = label_name(k)
         grid_path, folder, stale = save_images(images, out_dir, name)
         note = f" (the folder also holds {stale} PNGs from an earlier, larger run)" if stale else ""
         print(f"{name}: wrote {grid_path} and {len(images)} images in {folder}{note}")
@@ -299,7 +304,8 @@ def save_completions(job, per_class, out_dir):
     n, columns = job.n_per_class, 2 + len(job.classes)
     kept = job.given.clone()
     kept[:, :, job.keep_rows:] = GREY
-    cells = torch.zeros(len(job.given), n, columns, *job.given.shape[1:], dtype=torch.uint8)  # [N, n, 2 + K, 3, S, S]
+    # [N, n, 2 + K, 3, S, S]: a row of cells per completion, black where a cell is left empty
+    cells = torch.zeros(len(job.given), n, columns, *job.given.shape[1:], dtype=torch.uint8)
     cells[:, 0, 0], cells[:, 0, 1] = job.given, kept
     for column, images in enumerate(per_class.values(), start=2):
         cells[:, :, column] = images.view(len(job.given), n, *images.shape[1:])
@@ -314,7 +320,7 @@ def save_completions(job, per_class, out_dir):
     save(cells.flatten(0, 1), os.path.join(out_dir, "grid_completions.png"))
     print(f"wrote {len(job.ids)} grids in {os.path.join(out_dir, 'completions')} and "
           f"{os.path.join(out_dir, 'grid_completions.png')} (columns: original, kept rows, "
-          + ", ".join("unconditional" if k is None else class_name(k) for k in job.classes) + ")")
+          + ", ".join(label_name(k) for k in job.classes) + ")")
 
 
 def parse_classes(text, num_classes):
