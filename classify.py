@@ -49,14 +49,13 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import utils
 from checkpoint import atomic_write, load_model
-from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, all_succeeded, join_processes,
-                    leave_processes, report, reuse_freed_memory)
+from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
+                    join_processes, leave_processes, report, reuse_freed_memory)
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, split_csv_path, to_model_input)
 
@@ -308,7 +307,8 @@ def format_metrics(metrics):
     lines.append(f"macro F1 {metrics['macro_f1']:.4f}")
     lines.append(f"bits/dim under the true label {metrics['bits_per_dim']:.4f}")
     lines.append(f"posterior at T = {metrics['temperature']:.4g}: ECE ({CALIBRATION_BINS} bins) "
-                 f"{metrics['ece']:.4f}, NLL of the true label {metrics['nll']:.4f}, Brier {metrics['brier']:.4f}")
+                 f"{metrics['ece']:.4f}, NLL of the true label {metrics['nll']:.4f}, "
+                 f"Brier {metrics['brier']:.4f}")
     width = max(len(n) for n in names + [str(int(cm.max()))]) + 1
     lines.append("confusion matrix (rows: true label, columns: prediction)")
     lines.append(" " * width + "".join(n.rjust(width) for n in names))
@@ -340,7 +340,8 @@ def build_parser():
                    help="the posterior's temperature (default: the one stored in the checkpoint)")
     p.add_argument("--logits", default=None, help="also save log p(x|c) [N, K] (nats) as .npy")
     p.add_argument("--metrics-out", default=None,
-                   help="save the metrics (labelled inputs) as JSON, and a reliability diagram beside it (.png)")
+                   help="save the metrics (labelled inputs) as JSON, and a reliability diagram beside "
+                        "it (.png)")
     p.add_argument("--explain", default=None, metavar="DIR",
                    help="write one PNG per image under DIR: the image, the per-pixel log-likelihood "
                         "ratio of the predicted label to the runner-up, and the bits under the prediction")
@@ -376,15 +377,6 @@ def shard(n, rank, world_size):
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def gather_to_main(local, world_size):
-    """Every process's `local`, in rank order, on rank 0 (None on the others); [local] in a plain run."""
-    if world_size == 1:
-        return [local]
-    parts = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    return parts
-
-
 def score_all(model, paths, num_classes, args, rank, world_size, device, keep_maps):
     """Score this process's shard and gather every shard on rank 0 -> (log p(x|c) of the images as
     given [N, K], the scores that classify [N, K], their per-pixel terms for the first keep_maps
@@ -406,12 +398,13 @@ def score_all(model, paths, num_classes, args, rank, world_size, device, keep_ma
             result = (loglik, (loglik + mirrored) / 2, (maps + mirrored_maps) / 2)
     except UsageError as err:  # also DataError
         error = str(err)
-    parts = gather_to_main((error, result), world_size)
-    if not all_succeeded(error is None, device):
-        raise UsageError(next(e for e, _ in parts if e) if rank == 0 else "another process failed")
+    parts = gather_on_main(result)
+    error = first_error(error)
+    if error is not None:
+        raise UsageError(error)
     if rank != 0:
         return None
-    return tuple(np.concatenate([r[i] for _, r in parts]) for i in range(3))
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
 
 
 def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):

@@ -231,14 +231,24 @@ def join_processes(device_name):
     return rank, world_size, device
 
 
-def all_succeeded(ok, device):
-    """Whether `ok` holds on every process (one all-reduce; `ok` itself in a plain run), so that
-    a failure on any rank stops them all before anything is written."""
+def first_error(error):
+    """The first process's error message, or None, on every process: if one cannot go on, none
+    does, and rank 0 can say why before anything is written. In a plain run, `error` itself."""
     if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([float(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def gather_on_main(local):
+    """Every process's `local`, in rank order, on rank 0 (None on the others); [local] in a
+    plain run."""
+    if not dist.is_initialized():
+        return [local]
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    return parts
 
 
 def leave_processes(succeeded):

@@ -49,14 +49,13 @@ import time
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import fid
 from checkpoint import load_model
-from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, join_processes, leave_processes, report,
-                    reuse_freed_memory)
+from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
+                    join_processes, leave_processes, report, reuse_freed_memory)
 from dataset import DataError, class_name, image_path, list_image_folder, load_images
 from sampling import derive_seed, generate
 
@@ -165,7 +164,8 @@ def run(args, extractor=None):
         print(describe(args, job, device, world_size))
     start = time.perf_counter()
     mine = {b: draw_batch(job, b, args, progress=is_main) for b in batches[rank::world_size]}
-    drawn = gather_on_main(mine)
+    shares = gather_on_main(mine)  # {Batch: images} of every rank, on rank 0
+    drawn = None if shares is None else {batch: x for share in shares for batch, x in share.items()}
     if not is_main:
         return 0
     per_class = {k: torch.cat([drawn[b] for b in batches if b.k == k]) for k in job.classes}
@@ -225,26 +225,6 @@ def check_args(args):
         raise UsageError("--keep-rows goes with --complete DIR")
     if args.complete is not None and args.fid_ref is not None:
         raise UsageError("--fid-ref scores drawn images, not completions: drop it or --complete")
-
-
-def first_error(error):
-    """The first rank's error message (or None), on every rank: if one process cannot go on,
-    none starts sampling. In a plain run, `error` itself."""
-    if not dist.is_initialized():
-        return error
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
-
-
-def gather_on_main(share):
-    """Every rank's share {Batch: images} merged on rank 0 (None on the others); in a plain run,
-    `share` itself."""
-    if not dist.is_initialized():
-        return share
-    shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(share, shares, dst=0)
-    return None if shares is None else {b: x for one in shares for b, x in one.items()}
 
 
 def describe(args, job, device, world_size):
