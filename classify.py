@@ -407,6 +407,20 @@ def score_all(model, paths, num_classes, args, rank, world_size, device, keep_ma
     return tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
 
 
+def explain_paths(directory, ids):
+    """<directory>/<id>.png for each id (its extension replaced, its folders kept); UsageError for
+    an id that would land outside the directory (..) or on another id's file (a.jpg, a.png)."""
+    paths = {}
+    for item_id in ids:
+        relative = os.path.normpath(os.path.splitext(item_id)[0] + ".png")
+        if os.path.isabs(relative) or relative.split(os.sep)[0] == "..":
+            raise UsageError(f"--explain: image id {item_id!r} would put its map outside {directory}")
+        if relative in paths:
+            raise UsageError(f"--explain: image ids {paths[relative]!r} and {item_id!r} would share one map file")
+        paths[relative] = item_id
+    return [os.path.join(directory, relative) for relative in paths]
+
+
 def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
     """One PNG per image under --explain, and the maps in --explain-out (.npz, keyed by id)."""
     ratio, bits = evidence_maps(maps, ranking[:len(maps), 0], ranking[:len(maps), 1])
@@ -420,7 +434,7 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
         if args.explain is not None:
             title = f"{item_id}: {predicted} (posterior {posteriors[i, ranking[i, 0]]:.3g})"
             figure = explain_figure(images[i].numpy(), ratio[i], bits[i], title, predicted, runner_up)
-            path = os.path.join(args.explain, os.path.splitext(item_id)[0] + ".png")
+            path = explain_paths(args.explain, [item_id])[0]
             os.makedirs(os.path.dirname(path), exist_ok=True)
             figure.save(path, compress_level=1)  # as sample.py's images: no fsync; fast to encode
     if args.explain_out is not None:
@@ -459,6 +473,8 @@ def run(args, rank, world_size, device):
     say(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
         f"{model.config['image_size']}; device {device}{processes}")
     keep_maps = (args.explain_limit or len(paths)) if explaining else 0
+    if args.explain is not None:
+        explain_paths(args.explain, ids[:keep_maps])  # a clash or a climb out of DIR: before scoring
     start = time.perf_counter()
     scored = score_all(model, paths, num_classes, args, rank, world_size, device, keep_maps)
     elapsed = time.perf_counter() - start

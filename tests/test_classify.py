@@ -609,3 +609,11 @@ def test_torchrun_a_failure_in_one_shard_ends_the_run_with_one_line(trained, tmp
     ours = [line for line in result.stderr.splitlines() if line.startswith("classify.py")]
     assert len(ours) == 1 and "9.png" in ours[0], result.stderr[-3000:]
     assert not out.exists()
+
+
+def test_explain_maps_stay_inside_their_folder_one_file_per_id():
+    assert classify.explain_paths("maps", ["test/0001.jpg", "b.png"]) == ["maps/test/0001.png", "maps/b.png"]
+    for ids, message in [(["../up.jpg"], "outside maps"), (["sub/../../up.jpg"], "outside maps"),
+                         (["a.jpg", "a.png"], "'a.jpg' and 'a.png' would share one map file")]:
+        with pytest.raises(classify.UsageError, match=message):
+            classify.explain_paths("maps", ids)
