@@ -2,10 +2,10 @@
 Inception weights (the "GAN-test" accuracy of Shmelkov et al., 2018).
 
     python bench/sample_judge.py --samples runs/judge/samples [--data-dir ../shared/data/cpen455]
-                                 [--epochs 30] [--seed 0] [--threads N] [--save-judge judge.pt]
+                                 [--epochs 60] [--seed 0] [--threads N] [--save-judge judge.pt]
                                  [--judge judge.pt] [--out result.json] [--no-progress]
 
-It trains the judge (six 3x3 convs with BatchNorm and ReLU, 287k parameters, Adam with a cosine
+It trains the judge (six 3x3 convs with BatchNorm and ReLU, 288k parameters, Adam with a cosine
 decay, random mirroring and shifts) on CPEN455's labelled training images at 32x32, except the
 project's validation split (10% of train.csv, stratified, seed 0, as train.py carves it), which
 it never sees. It prints its accuracy on that split, overall and per class, then the share of
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import atomic_write  # noqa: E402  (the repository root is on the path only now)
+from checkpoint import atomic_write, first_line  # noqa: E402  (the repository root is on the path only now)
 from config import ArgumentParser, UsageError, report  # noqa: E402
 from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
@@ -47,7 +47,7 @@ def build_parser():
     p.add_argument("--data-dir", default="../shared/data/cpen455", help="a CPEN455-layout root with train.csv")
     p.add_argument("--samples", default=None, metavar="DIR",
                    help="sample.py's --out-dir: DIR/ClassK/*.png (without it, only the judge is scored)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
     p.add_argument("--seed", type=int, default=0, help="weights, batch order and augmentation (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--save-judge", default=None, metavar="PATH", help="save the trained judge's state_dict")
@@ -70,13 +70,12 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     samples = read_samples(args.samples) if args.samples else None  # fail before minutes of training
+    judge = load_judge(args.judge) if args.judge else None
     (train_images, train_labels), (val_images, val_labels) = read_cpen455(args.data_dir, not args.no_progress)
     print(f"{PROG}: {len(train_labels)} training images, {len(val_labels)} validation images "
           f"({VAL_FRACTION:g} of train.csv, seed {VAL_SEED})")
 
-    if args.judge:
-        judge = load_judge(args.judge)
-    else:
+    if judge is None:
         start = time.perf_counter()
         judge = train_judge(train_images, train_labels, args.epochs, args.seed, args.no_progress)
         print(f"{PROG}: trained for {args.epochs} epochs in {time.perf_counter() - start:.0f} s "
@@ -157,9 +156,8 @@ def load_judge(path):
     judge = build_judge()
     try:
         judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as err:  # a foreign or corrupt file: any error means "not a judge"
-        raise UsageError(f"--judge {path}: not a judge saved by --save-judge "
-                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    except Exception as err:  # torch raises many types for foreign or corrupt files
+        raise UsageError(f"--judge {path}: not a judge saved by --save-judge ({first_line(err)})") from None
     return judge
 
 
