@@ -1,6 +1,6 @@
 """Zero-shot classification with a conditional PixelCNN++: Bayes' rule over the class likelihoods.
 
-    python classify.py --checkpoint C --data-dir D [--split test] [--csv PATH] --out predictions.csv
+    python classify.py --checkpoint C [C2 ...] --data-dir D [--split test] [--csv PATH] --out predictions.csv
                        [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train] [--hflip]
                        [--temperature T] [--logits out.npy] [--metrics-out metrics.json]
                        [--explain DIR] [--explain-out maps.npz] [--explain-limit N]
@@ -12,6 +12,8 @@ under every label, log p(x|c) in nats, in one batched pass (EMA weights, inferen
 resized to the model's image_size); the prediction is argmax_c log p(x|c) + log p(c). With
 --hflip each image is also scored mirrored left-right, and the prediction, the CSV's log-likelihoods
 and --logits use the mean of the two log p(x|c) (bits/dim stays that of the image as given).
+With several checkpoints (a product of experts, still a generative classifier) every log p(x|c),
+and every per-pixel term, is the mean over the models.
 
 The posterior columns are softmax_c(log p(x|c) / T + log p(c)), with the temperature T that
 train.py fitted on its validation split and stored in the checkpoint (--temperature overrides it;
@@ -320,7 +322,9 @@ def format_metrics(metrics):
 def build_parser():
     p = ArgumentParser(prog=PROG, description="Label images by Bayes' rule over a conditional "
                       "PixelCNN++'s class likelihoods and write a CSV.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="CHECKPOINT",
+                   help="a checkpoint written by train.py; several: a product of experts (the mean of "
+                        "their log p(x|c))")
     p.add_argument("--data-dir", required=True,
                    help="a CPEN455-layout root (with <split>.csv) or a plain folder of images")
     p.add_argument("--split", default="test", help="which <split>.csv of a CPEN455 root (default test)")
@@ -372,23 +376,54 @@ def check_options(args):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
 
 
+def load_experts(checkpoints, device, temperature, say):
+    """-> (the EMA models of the checkpoints, the posterior's temperature): --temperature if given,
+    else the mean of the checkpoints' stored ones (1, with a note, where one has none). The models
+    must agree on their labels and image size."""
+    models, stored = [], []
+    for path in checkpoints:
+        model, state = load_model(path, device)
+        if model.config["num_classes"] < 1:
+            raise UsageError(f"{path}: an unconditional model (num_classes 0) cannot classify")
+        first = models[0].config if models else model.config
+        for key in ("num_classes", "image_size"):
+            if model.config[key] != first[key]:
+                raise UsageError(f"{path} has {key} {model.config[key]} but {checkpoints[0]} has "
+                                 f"{first[key]}: a product of experts needs the same labels and images")
+        models.append(model)
+        stored.append(state.get("temperature"))
+    if temperature is not None:
+        return models, temperature
+    if None in stored:
+        say(f"{PROG}: {checkpoints[stored.index(None)]} has no fitted temperature (it predates "
+            f"calibration): posteriors at T = 1, near-certain; pass --temperature T to set one")
+        return models, 1.0
+    if len(models) > 1:
+        say(f"{PROG}: {len(models)} experts; posteriors at the mean of their temperatures, "
+            f"{sum(stored) / len(stored):.4g} (fit one on held-out images: bench/calibration.py)")
+    return models, sum(stored) / len(stored)
+
+
 def shard(n, rank, world_size):
     """This process's contiguous share of n inputs; the shards in rank order are the input order."""
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def score_all(model, paths, num_classes, args, rank, world_size, device, keep_maps):
+def score_all(models, paths, num_classes, args, rank, world_size, device, keep_maps):
     """Score this process's shard and gather every shard on rank 0 -> (log p(x|c) of the images as
     given [N, K], the scores that classify [N, K], their per-pixel terms for the first keep_maps
-    images [n, K, H, W]) on rank 0, None elsewhere. With --hflip the scores and the terms are the
-    means over the image and its mirror image. If any process fails (a corrupt image in its
-    shard), every process raises, and rank 0's error names the failure."""
+    images [n, K, H, W]) on rank 0, None elsewhere. Each is the mean over the models (a product
+    of experts); with --hflip the scores and the terms are also the means over the image and its
+    mirror image. If any process fails (a corrupt image in its shard), every process raises, and
+    rank 0's error names the failure."""
     mine = shard(len(paths), rank, world_size)
     keep = max(0, min(keep_maps, mine.stop) - mine.start)
 
-    def score(mirror):
-        return score_images(model, paths[mine], num_classes, args.batch_size, device, mirror=mirror,
-                            progress=rank == 0 and not args.no_progress, keep_maps=keep)
+    def score(mirror):  # -> the models' mean (log p(x|c) [n, K], per-pixel terms [k, K, H, W])
+        scored = [score_images(model, paths[mine], num_classes, args.batch_size, device, mirror=mirror,
+                               progress=rank == 0 and not args.no_progress, keep_maps=keep)
+                  for model in models]
+        return tuple(sum(parts) / len(models) for parts in zip(*scored))
     error, result = None, None
     try:
         loglik, maps = score(mirror=False)
@@ -443,18 +478,12 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
 
 def run(args, rank, world_size, device):
     say = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints
-    model, state = load_model(args.checkpoint, device)
+    models, temperature = load_experts(args.checkpoint, device, args.temperature, say)
+    model = models[0]
     num_classes = model.config["num_classes"]
-    if num_classes < 1:
-        raise UsageError(f"{args.checkpoint}: an unconditional model (num_classes 0) cannot classify")
     explaining = args.explain is not None or args.explain_out is not None
     if explaining and num_classes < 2:
-        raise UsageError(f"--explain compares two labels; {args.checkpoint} has {num_classes}")
-    temperature = args.temperature or state.get("temperature")
-    if temperature is None:
-        say(f"{PROG}: {args.checkpoint} has no fitted temperature (it predates calibration): "
-            f"posteriors at T = 1, near-certain; pass --temperature T to set one")
-        temperature = 1.0
+        raise UsageError(f"--explain compares two labels; {args.checkpoint[0]} has {num_classes}")
 
     items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
     log_prior = None
@@ -476,7 +505,7 @@ def run(args, rank, world_size, device):
     if args.explain is not None:
         explain_paths(args.explain, ids[:keep_maps])  # a clash or a climb out of DIR: before scoring
     start = time.perf_counter()
-    scored = score_all(model, paths, num_classes, args, rank, world_size, device, keep_maps)
+    scored = score_all(models, paths, num_classes, args, rank, world_size, device, keep_maps)
     elapsed = time.perf_counter() - start
     if rank != 0:
         return 0
@@ -494,7 +523,7 @@ def run(args, rank, world_size, device):
         metrics["class_names"] = [class_name(c) for c in range(num_classes)]
         metrics["prior"] = args.prior
         metrics["hflip"] = args.hflip
-        metrics["checkpoint"] = args.checkpoint
+        metrics["checkpoint"] = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
         metrics["source"] = source
         print(format_metrics(metrics))
     elif (labels >= 0).any():

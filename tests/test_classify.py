@@ -617,3 +617,33 @@ def test_explain_maps_stay_inside_their_folder_one_file_per_id():
                          (["a.jpg", "a.png"], "'a.jpg' and 'a.png' would share one map file")]:
         with pytest.raises(classify.UsageError, match=message):
             classify.explain_paths("maps", ids)
+
+
+def test_several_checkpoints_score_by_the_mean_of_their_log_likelihoods(trained, cpen_root, tmp_path, capsys):
+    """A product of experts: log p(x|c) is the mean over the checkpoints, and the posterior uses
+    the mean of their temperatures; experts must agree on the labels and the image size."""
+    first = with_temperature(trained[0], 4.0, tmp_path)
+    state = torch.load(trained[0], weights_only=True)
+    other = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    second = str(tmp_path / "second.pt")
+    save_checkpoint(second, {**state, "ema": other, "temperature": 8.0})
+    logits = {}
+    for name, checkpoints in [("a", [first]), ("b", [second]), ("ab", [first, second])]:
+        rc, stdout, err = run_main(capsys, "--checkpoint", *checkpoints, "--data-dir", cpen_root, "--split", "val",
+                                   "--out", tmp_path / f"{name}.csv", "--logits", tmp_path / f"{name}.npy",
+                                   "--metrics-out", tmp_path / f"{name}.json")
+        assert rc == 0, err
+        logits[name] = np.load(tmp_path / f"{name}.npy")
+    assert "2 experts; posteriors at the mean of their temperatures, 6" in stdout
+    assert not np.allclose(logits["a"], logits["b"])
+    np.testing.assert_allclose(logits["ab"], (logits["a"] + logits["b"]) / 2, rtol=1e-10)
+    _, rows = read_csv(tmp_path / "ab.csv")
+    np.testing.assert_allclose(np.array([[float(v) for v in r[2 + K:]] for r in rows]), softmax(logits["ab"] / 6.0),
+                               rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "ab.json").read_text())["checkpoint"] == [first, second]
+    wider = str(tmp_path / "wider.pt")
+    model = build_model({**CONFIG, "image_size": 16})
+    save_checkpoint(wider, {"model": model.state_dict(), "ema": model.state_dict(),
+                            "config": {**CONFIG, "image_size": 16}})
+    rc, _, err = run_main(capsys, "--checkpoint", first, wider, "--data-dir", cpen_root, "--out", tmp_path / "c.csv")
+    assert rc == 2 and "image_size 16" in err and not (tmp_path / "c.csv").exists()
