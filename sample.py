@@ -2,6 +2,7 @@
 
     python sample.py --checkpoint C --out-dir samples/ [--n-per-class 25] [--classes 0,2]
                      [--batch-size N] [--seed S] [--device auto|cpu|cuda] [--sampler fast|naive]
+                     [--guidance W]
                      [--fid-ref DIR] [--fid-ref-split train] [--fid-dims 2048] [--fid-weights PATH]
     python sample.py --checkpoint C --out-dir completions/ --complete DIR [--keep-rows R] ...
     torchrun --nproc_per_node=N sample.py ...
@@ -82,6 +83,9 @@ def build_parser():
                    "a label's completions); part of what --seed fixes")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="sharpen each pixel's distribution for its label against the label-averaged "
+                        "one by weight W (default 0: the model's own p(x|c); costs K times the work)")
     p.add_argument("--sampler", choices=("fast", "naive"), default="fast",
                    help="fast: cached incremental sampler (default); naive: one forward pass per pixel")
     p.add_argument("--complete", default=None, metavar="DIR",
@@ -219,6 +223,8 @@ def check_args(args):
             raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.guidance < 0:
+        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
     if args.complete is None and args.keep_rows is not None:
@@ -235,7 +241,8 @@ def describe(args, job, device, world_size):
         what = (f"completing {len(job.given)} images below row {job.keep_rows} of {size}, "
                 f"{job.n_per_class} per label x {len(job.classes)} labels")
     processes = f", {world_size} processes" if world_size > 1 else ""
-    return f"{PROG}: {what}, sampler {args.sampler}, seed {args.seed}, device {device}{processes}"
+    guided = f", guidance {args.guidance:g}" if args.guidance else ""
+    return f"{PROG}: {what}, sampler {args.sampler}, seed {args.seed}{guided}, device {device}{processes}"
 
 
 def label_name(k):
@@ -263,7 +270,7 @@ def draw_batch(job, batch, args, progress):
     try:
         seed = derive_seed(args.seed, -1 if batch.k is None else batch.k, batch.chunk)
         return generate(job.model, labels, args.sampler, seed, n=n, progress=bar, given=given,
-                        keep_rows=job.keep_rows).cpu()
+                        keep_rows=job.keep_rows, guidance=args.guidance).cpu()
     finally:
         bar.close()
 

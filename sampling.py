@@ -30,16 +30,19 @@ import torch.nn.functional as F
 
 from layers import WeightNorm
 from model import NUM_RESOLUTIONS
-from utils import sample_from_discretized_mix_logistic
+from utils import sample_from_discretized_mix_logistic, sample_guided_pixel
 
 
-def generate(model, labels, sampler="fast", seed=0, n=None, progress=None, given=None, keep_rows=0):
+def generate(model, labels, sampler="fast", seed=0, n=None, progress=None, given=None, keep_rows=0,
+             guidance=0.0):
     """Sample uint8 images [B, 3, H, W] (H = W = model.config['image_size']) with the model's own
     dtype and device. labels: LongTensor [B], or None for an unconditional model (then give n).
     The generator is torch.Generator(device).manual_seed(seed); `sampler` is 'fast' (the cached
     sampler) or 'naive'. progress: a tqdm-like object updated once per sampled pixel, or None.
     given: uint8 images [B, 3, H, W] whose top `keep_rows` rows are kept as they are (completion):
-    only the rows below are sampled, and they come back in the result unchanged."""
+    only the rows below are sampled, and they come back in the result unchanged. guidance w > 0
+    draws each pixel from its label's mixture sharpened against the other labels'
+    (sample_guided_pixel; the network runs under every label, K times the work)."""
     samplers = {"fast": generate_cached, "naive": generate_naive}
     if sampler not in samplers:
         raise ValueError(f"sampler must be 'fast' or 'naive', got {sampler!r}")
@@ -48,7 +51,7 @@ def generate(model, labels, sampler="fast", seed=0, n=None, progress=None, given
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=param.device)
     start = None if given is None else given.to(param.device, param.dtype) / 127.5 - 1  # the 256 levels
-    return to_uint8(samplers[sampler](model, labels, generator, progress, n, start, keep_rows))
+    return to_uint8(samplers[sampler](model, labels, generator, progress, n, start, keep_rows, guidance))
 
 
 def to_uint8(x):
@@ -62,31 +65,42 @@ def derive_seed(seed, class_index, chunk):
     return int(np.random.SeedSequence([seed, class_index + 1, chunk]).generate_state(1)[0])
 
 
-def generate_naive(model, labels, generator, progress=None, n=None, start=None, keep_rows=0):
+def generate_naive(model, labels, generator, progress=None, n=None, start=None, keep_rows=0,
+                   guidance=0.0):
     """The reference sampler, one full forward pass per pixel: float images in [-1, 1] on the 256
     levels, [B, 3, H, W], in the model's dtype. labels: [B], or None (then n images from the
     unconditional model). progress: a tqdm-like object updated once per pixel, or None.
-    start: images [B, 3, H, W] in [-1, 1] whose top keep_rows rows are kept; the rest is sampled."""
-    return sample_raster(FullForward, model, labels, generator, progress, n, start, keep_rows)
+    start: images [B, 3, H, W] in [-1, 1] whose top keep_rows rows are kept; the rest is sampled.
+    guidance: the weight w of sample_guided_pixel (0: the model's own p(x|c))."""
+    return sample_raster(FullForward, model, labels, generator, progress, n, start, keep_rows, guidance)
 
 
-def generate_cached(model, labels, generator, progress=None, n=None, start=None, keep_rows=0):
+def generate_cached(model, labels, generator, progress=None, n=None, start=None, keep_rows=0,
+                    guidance=0.0):
     """The cached sampler: the same images as generate_naive (same arguments, same result), with
     the work of one pixel constant instead of a full forward pass."""
-    return sample_raster(IncrementalPixelCNN, model, labels, generator, progress, n, start, keep_rows)
+    return sample_raster(IncrementalPixelCNN, model, labels, generator, progress, n, start, keep_rows,
+                         guidance)
 
 
 @torch.inference_mode()
-def sample_raster(network, model, labels, generator, progress, n, start=None, keep_rows=0):
+def sample_raster(network, model, labels, generator, progress, n, start=None, keep_rows=0, guidance=0.0):
     """Sample a batch pixel by pixel in raster order, one mixture_noise draw per pixel, with
     `network` (FullForward or IncrementalPixelCNN) giving each pixel's mixture parameters. The
-    top keep_rows rows come from `start` and draw no noise: sampling begins at row keep_rows."""
+    top keep_rows rows come from `start` and draw no noise: sampling begins at row keep_rows.
+    With guidance > 0 the network runs on every image under every label (image-major: row
+    b * K + k carries label k) and sample_guided_pixel draws each pixel (one [B, 3] uniform draw)."""
     model.eval()
     param = next(model.parameters())
     batch_size = labels.shape[0] if labels is not None else n
     if batch_size is None:
         raise ValueError("an unconditional batch needs n (the number of images)")
-    net = network(model, labels, batch_size, param.device, param.dtype)
+    K = model.config["num_classes"]
+    if guidance and (labels is None or K < 2):
+        raise ValueError("guidance needs a conditional model with at least two labels, and labels")
+    every_label = guidance and torch.arange(K, device=param.device).repeat(batch_size)  # [B * K]
+    copies = K if guidance else 1  # rows of the network per image
+    net = network(model, every_label if guidance else labels, batch_size * copies, param.device, param.dtype)
     size = model.config["image_size"]
     images = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
     if keep_rows:
@@ -94,12 +108,17 @@ def sample_raster(network, model, labels, generator, progress, n, start=None, ke
             raise ValueError(f"keep_rows {keep_rows} needs start images of shape {list(images.shape)} "
                              f"and 1 <= keep_rows <= {size}")
         images[:, :, :keep_rows] = start[:, :, :keep_rows]
-        net.take_rows(images, keep_rows)
+        net.take_rows(images.repeat_interleave(copies, dim=0), keep_rows)
     for i in range(keep_rows, size):
         net.start_row(i)
         for j in range(size):
-            pixel = sample_from_discretized_mix_logistic(net.params_at(i, j), generator)  # [B, 3, 1, 1]
-            net.set_pixel(i, j, pixel)
+            params = net.params_at(i, j)  # [B * copies, 10M, 1, 1]
+            if guidance:
+                pixel, _ = sample_guided_pixel(params.view(batch_size, K, -1), labels, guidance, generator)
+                pixel = pixel[:, :, None, None]  # [B, 3, 1, 1]
+            else:
+                pixel = sample_from_discretized_mix_logistic(params, generator)  # [B, 3, 1, 1]
+            net.set_pixel(i, j, pixel.repeat_interleave(copies, dim=0))
             images[:, :, i:i + 1, j:j + 1] = pixel
             if progress is not None:
                 progress.update(1)

@@ -113,6 +113,57 @@ def sample_from_discretized_mix_logistic(params, generator=None, noise=None):
     return torch.stack([r, g, b], dim=1)
 
 
+LEVELS = 256
+
+
+def level_log_probs(means, log_scales):
+    """log p(level) of each of the 256 levels under each logistic, [..., 256]: as
+    discretized_mix_logistic_log_probs scores one channel (the edge levels take the tails)."""
+    levels = torch.linspace(-1, 1, LEVELS, device=means.device, dtype=means.dtype)
+    centered = levels - means.unsqueeze(-1)  # [..., 256]
+    inv_scale = torch.exp(-log_scales).unsqueeze(-1)
+    upper, lower = inv_scale * (centered + HALF_BIN), inv_scale * (centered - HALF_BIN)
+    inner = log_sigmoid_difference(upper[..., 1:-1], lower[..., 1:-1])
+    return torch.cat([-F.softplus(-upper[..., :1]), inner, -F.softplus(lower[..., -1:])], dim=-1)
+
+
+def sample_guided_pixel(params, labels, weight, generator=None, uniforms=None):
+    """Draw one RGB value per image from its label's mixture sharpened against the others: each
+    channel, in the order R, G, B, from q(v) proportional to p_y(v)^(1 + weight) / mean_k p_k(v)^weight,
+    where p_k(v) is the probability of level v for this channel under label k, given the channels
+    already drawn (classifier-free guidance, Ho & Salimans, 2021, with the label-averaged model as
+    the unconditional one). weight 0 draws from p_y exactly.
+
+    params [B, K, 10M] (one pixel, every label), labels [B] -> (values on the 256 levels [B, 3],
+    log q of those values [B], in nats: at weight 0 it is log p_y of the pixel, the likelihood's own
+    term). uniforms [B, 3] in (0, 1), drawn from `generator` if not given, pick each level by its CDF.
+    """
+    B, K, C = params.shape
+    if uniforms is None:
+        uniforms = torch.rand((B, 3), generator=generator, device=params.device, dtype=params.dtype)
+    logits, means, log_scales, coeffs = (t[..., 0, 0] for t in split_mixture_params(params.reshape(B * K, C, 1, 1)))
+    log_weights = torch.log_softmax(logits, dim=-1).view(B, K, -1)  # [B, K, M]: the component posterior
+    means, log_scales, coeffs = (t.view(B, K, 3, -1) for t in (means, log_scales, coeffs))
+    rows = torch.arange(B, device=params.device)
+    x = torch.zeros(B, 3, device=params.device, dtype=params.dtype)
+    log_q = torch.zeros(B, device=params.device, dtype=params.dtype)
+    for ch in range(3):
+        mean = channel_means(means.flatten(0, 1), coeffs.flatten(0, 1),
+                             x.repeat_interleave(K, 0)[:, :, None])[:, ch].view(B, K, -1)  # [B, K, M]
+        per_component = level_log_probs(mean, log_scales[:, :, ch])  # [B, K, M, 256]
+        per_label = torch.logsumexp(log_weights.unsqueeze(-1) + per_component, dim=2) \
+            - torch.logsumexp(log_weights, dim=2, keepdim=True)  # [B, K, 256]
+        own = per_label[rows, labels]  # [B, 256]
+        guided = (1 + weight) * own - weight * (torch.logsumexp(per_label, dim=1) - math.log(K))
+        guided = torch.log_softmax(guided, dim=-1)
+        cdf = guided.exp().cumsum(dim=-1)
+        level = (cdf < uniforms[:, ch:ch + 1] * cdf[:, -1:]).sum(dim=-1).clamp(max=LEVELS - 1)  # [B]
+        log_q = log_q + guided[rows, level]
+        x[:, ch] = level.to(params.dtype) / 127.5 - 1
+        log_weights = log_weights + per_component[rows, :, :, level]  # condition on this channel
+    return x, log_q
+
+
 def class_pixel_log_likelihoods(model, x, num_classes):
     """log p(x_ij | x_<ij, c) in nats of each pixel (its R, G and B together) under every label c,
     [B, K, H, W], from one forward pass over the batch repeated K times (label-major: rows

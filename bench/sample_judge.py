@@ -10,11 +10,14 @@ decay, random mirroring and shifts) on CPEN455's labelled training images at 32x
 project's validation split (10% of train.csv, stratified, seed 0, as train.py carves it), which
 it never sees. It prints its accuracy on that split, overall and per class, then the share of
 each <samples>/ClassK/ folder (sample.py's layout) that it labels as class K, and the overall
-share, beside it. --judge PATH reuses a judge saved with --save-judge (a plain state_dict) and
+share, beside it; then the Frechet distance from the samples to the validation images in the
+judge's pooled features, beside that of as many random training images (the floor). --judge PATH reuses a judge saved with --save-judge (a plain state_dict) and
 trains nothing. The same --seed and --threads give the same judge on a CPU.
 
-The figure says whether a sample shows its class to a classifier that is good on real images; it
-says nothing about diversity (one perfect image repeated would score 100%). Real FID
+The share says whether a sample shows its class to a classifier that is good on real images; it
+says nothing about diversity (one perfect image repeated would score 100%). The Frechet distance
+compares the spread of the samples with that of real images, but in features learned to tell the
+classes apart, so it is a partial check on diversity and not FID. Real FID
 (sample.py --fid-ref, with pytorch-fid's Inception weights) remains the reference where the
 weights exist.
 """
@@ -28,7 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import atomic_write, first_line  # noqa: E402  (the repository root is on the path only now)
+import fid  # noqa: E402  (the repository root is on the path only now)
+from checkpoint import atomic_write, first_line  # noqa: E402
 from config import ArgumentParser, UsageError, report  # noqa: E402
 from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
@@ -89,6 +93,7 @@ def run(args):
     if samples is not None:
         result["samples_dir"] = args.samples
         result["samples"] = judge_set(judge, *samples)
+        result["frechet"] = frechet_to_validation(judge, samples[0], train_images, val_images, args.seed)
     print_table(result)
     if args.out:
         text = json.dumps(result, indent=2) + "\n"
@@ -216,6 +221,23 @@ def judge_set(judge, images, labels):
     return {"correct": correct, "n": len(labels), "share": correct / len(labels), "per_class": per_class}
 
 
+def frechet_to_validation(judge, sample_images, train_images, val_images, seed):
+    """The Frechet distance, in the judge's pooled features, from the samples to the validation
+    images, beside that from as many random training images: the floor that real images reach."""
+    n = min(len(sample_images), len(train_images))
+    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]]
+    val = judge_features(judge, val_images)
+    return {"samples": fid.fid_from_features(judge_features(judge, sample_images), val),
+            "training_images": fid.fid_from_features(judge_features(judge, real), val), "n": n}
+
+
+@torch.no_grad()
+def judge_features(judge, images):
+    """uint8 images [N, 3, 32, 32] -> the judge's pooled features [N, WIDTHS[-1]], before its linear layer."""
+    judge.eval()
+    return torch.cat([judge[:-1](to_model_input(chunk)) for chunk in images.split(256)]).numpy()
+
+
 def print_table(result):
     """A Markdown table: per class, the judge on real validation images and on the samples."""
     val, samples = result["validation"], result.get("samples")
@@ -225,6 +247,10 @@ def print_table(result):
     for name, real in rows:
         generated = samples if name == "all" else (samples or {}).get("per_class", {}).get(name)
         print(f"| {name} | {fraction(real)} | {fraction(generated) if generated else '-'} |")
+    if "frechet" in result:
+        f = result["frechet"]
+        print(f"Frechet distance to the validation images in the judge's {WIDTHS[-1]} features: samples "
+              f"{f['samples']:.2f}, {f['n']} random training images {f['training_images']:.2f} (the floor)")
 
 
 def fraction(r):

@@ -107,6 +107,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         (["--checkpoint", path, "--classes", "0,5"], "--classes"),
         (["--checkpoint", path, "--classes", "a"], "--classes"),
         (["--checkpoint", path, "--n-per-class", 0], "--n-per-class"),
+        (["--checkpoint", path, "--guidance", -1], "--guidance"),
         (["--checkpoint", path, "--fid-ref", tmp_path / "noref"], "noref"),
     ]
     for argv, needle in cases:

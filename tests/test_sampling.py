@@ -138,6 +138,25 @@ def test_fast_equals_naive_in_float64():
                        sampling.generate(model, labels, "naive", seed=5))
 
 
+def test_guided_fast_equals_naive_in_float64_and_differs_from_unguided():
+    model = tiny_model().double()
+    labels = torch.tensor([0, 1, 2, 2])
+    guided = sampling.generate(model, labels, "fast", seed=5, guidance=2.0)
+    assert torch.equal(guided, sampling.generate(model, labels, "naive", seed=5, guidance=2.0))
+    assert not torch.equal(guided, sampling.generate(model, labels, "fast", seed=5))
+    given = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    fast = sampling.generate(model, labels, "fast", seed=5, given=given, keep_rows=3, guidance=1.0)
+    assert torch.equal(fast, sampling.generate(model, labels, "naive", seed=5, given=given, keep_rows=3,
+                                               guidance=1.0))
+    assert torch.equal(fast[:, :, :3], given[:, :, :3])
+
+
+def test_guidance_needs_labels():
+    with pytest.raises(ValueError, match="guidance"):
+        sampling.generate(tiny_model(num_classes=0, embedding_dim=0, conditioning="none"), None,
+                          seed=0, n=2, guidance=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Completion: sampling below given rows.
 

@@ -8,8 +8,8 @@ from conftest import randomize_label_parameters
 from model import build_model
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
                    discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, fit_temperature,
-                   log_posterior, reliability, sample_from_discretized_mix_logistic, snap_to_levels,
-                   training_loss)
+                   log_posterior, reliability, sample_from_discretized_mix_logistic, sample_guided_pixel,
+                   snap_to_levels, training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
@@ -196,23 +196,23 @@ def test_log_probs_equal_the_joint_written_out_component_by_component():
     np.testing.assert_allclose(log_p32, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_sampled_colours_follow_the_likelihood_chi_square_on_the_joint():
-    """The sampler against the likelihood, not against a reference written in the test: the
-    frequencies of one pixel's sampled (R, G, B) triples against exp(log_probs) of each triple.
-    Narrow components and strong coefficients make G track R and B track R and G, so a sampler
-    and a likelihood that disagree on the coupling give very different joints."""
-    M, N = 2, 200_000
+def coupled_pixel_params():
+    """One pixel's mixture [1, 10M, 1, 1] (M = 2) in float64 whose narrow components and strong
+    coefficients make G track R and B track R and G: a sampler and a likelihood that disagree on
+    the coupling give very different joints."""
     logits = [0.3, -0.3]
     means = [[0.1, -0.1], [-0.2, 0.1], [0.3, -0.2]]  # [R, G, B][m]
     log_scales = [[-5.0, -5.0], [-4.5, -4.5], [-5.5, -5.5]]  # a few levels per channel
     raw_coeffs = [[2.0, -2.0], [-1.5, 1.0], [1.0, 1.5]]  # tanh: |c| from 0.76 to 0.96
     params = torch.tensor([logits + sum(means + log_scales + raw_coeffs, [])], dtype=torch.float64)
-    params = params[:, :, None, None]  # [1, 10M, 1, 1]
+    return params[:, :, None, None]
 
-    generator = torch.Generator().manual_seed(0)
-    draws = sample_from_discretized_mix_logistic(params.expand(N, -1, -1, -1), generator)[:, :, 0, 0]
+
+def assert_follow_the_likelihood(draws, params, min_cells):
+    """Chi-square of the frequencies of sampled (R, G, B) triples [N, 3] against exp(log_probs)
+    of each triple under params [1, 10M, 1, 1]."""
+    N = len(draws)
     sampled = torch.round((draws + 1) * 127.5).long().numpy()  # [N, 3] levels
-
     # Every triple in a box of levels that holds all but a sliver of the mass; the rest is "other".
     lo, n = 89, 78  # levels 89..166, i.e. x in [-0.30, 0.30]
     box = np.stack(np.meshgrid(*[np.arange(lo, lo + n)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -226,8 +226,60 @@ def test_sampled_colours_follow_the_likelihood_chi_square_on_the_joint():
     keep = expected * N >= 5  # pool the sparse cells, and everything outside the box, into one bin
     f_obs = np.append(observed[keep], N - observed[keep].sum())
     f_exp = np.append(expected[keep], 1 - expected[keep].sum()) * N
-    assert keep.sum() > 100  # the test compares a real joint, not a handful of cells
+    assert keep.sum() > min_cells  # the test compares a real joint, not a handful of cells
     assert chisquare(f_obs, f_exp).pvalue > 1e-4
+
+
+def test_sampled_colours_follow_the_likelihood_chi_square_on_the_joint():
+    """The sampler against the likelihood, not against a reference written in the test."""
+    params, N = coupled_pixel_params(), 200_000
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_from_discretized_mix_logistic(params.expand(N, -1, -1, -1), generator)[:, :, 0, 0]
+    assert_follow_the_likelihood(draws, params, min_cells=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guided sampling: one pixel under every label.
+
+def test_guided_pixel_without_guidance_follows_the_likelihood_chi_square_on_the_joint():
+    """At weight 0 the level-by-level sampler draws from the label's own mixture, whatever the
+    other label's: the same joint test as the logistic sampler, on the label's parameters."""
+    params, N = coupled_pixel_params(), 40_000
+    other = random_params(2, seed=5)
+    both = torch.cat([params, other])[:, :, 0, 0]  # [K=2, 10M]: label 0 is the coupled pixel
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_guided_pixel(both.expand(N // 4, -1, -1), torch.zeros(N // 4, dtype=torch.long),
+                                           0.0, generator)[0] for _ in range(4)])  # [N, 3]
+    assert torch.equal(draws, snap_to_levels(draws))
+    assert_follow_the_likelihood(draws, params, min_cells=50)
+
+
+def test_guided_log_q_without_guidance_is_the_likelihood_of_the_drawn_pixel():
+    params = random_params(3, seed=6, scale=2.0).view(1, 1, 30).expand(4, 3, 30).clone()
+    params += torch.randn(4, 3, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 1])
+    x, log_q = sample_guided_pixel(params, labels, 0.0, torch.Generator().manual_seed(2))
+    own = params[torch.arange(4), labels][:, :, None, None]  # [B, 10M, 1, 1]
+    torch.testing.assert_close(log_q, discretized_mix_logistic_log_probs(x[:, :, None, None], own)[:, 0, 0])
+
+
+def test_guidance_raises_the_models_own_posterior_of_the_label():
+    """The same uniforms at weights 0, 1 and 3: the mean log p_y(x) - log mean_k p_k(x) of the
+    drawn pixels (what guidance tilts towards) grows with the weight."""
+    B, K, M = 4000, 3, 2
+    params = torch.randn(1, K, 10 * M, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = params.expand(B, -1, -1)
+    labels = torch.arange(B) % K
+    uniforms = torch.rand(B, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ratios = []
+    for weight in (0.0, 1.0, 3.0):
+        x, _ = sample_guided_pixel(params, labels, weight, uniforms=uniforms)
+        log_p = torch.stack([discretized_mix_logistic_log_probs(x[:, :, None, None], params[:, k, :, None, None])
+                             for k in range(K)], dim=1)[:, :, 0, 0]  # [B, K]
+        own = log_p[torch.arange(B), labels]
+        ratios.append((own - (torch.logsumexp(log_p, dim=1) - np.log(K))).mean().item())
+    assert ratios[0] < ratios[1] < ratios[2], ratios
+    assert ratios[0] > 0  # unguided draws already favour their own label, on average
 
 
 def test_hybrid_loss_on_a_sub_batch_matches_scoring_every_label():
