@@ -98,9 +98,12 @@ def sample_raster(network, model, labels, generator, progress, n, start=None, ke
     K = model.config["num_classes"]
     if guidance and (labels is None or K < 2):
         raise ValueError("guidance needs a conditional model with at least two labels, and labels")
-    every_label = guidance and torch.arange(K, device=param.device).repeat(batch_size)  # [B * K]
     copies = K if guidance else 1  # rows of the network per image
-    net = network(model, every_label if guidance else labels, batch_size * copies, param.device, param.dtype)
+    if guidance:
+        labels_of_rows = torch.arange(K, device=param.device).repeat(batch_size)  # [B * K]
+    else:
+        labels_of_rows = labels
+    net = network(model, labels_of_rows, batch_size * copies, param.device, param.dtype)
     size = model.config["image_size"]
     images = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
     if keep_rows:
