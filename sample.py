@@ -194,6 +194,9 @@ def prepare(args, device):
     check_args(args)
     model, _ = load_model(args.checkpoint, device)
     classes = parse_classes(args.classes, model.config["num_classes"])
+    if args.guidance and model.config["num_classes"] < 2:
+        raise UsageError(f"--guidance needs a model conditioned on two or more labels; {args.checkpoint} has "
+                         f"{model.config['num_classes']}")
     if args.complete is None:
         return Job(model, classes, args.n_per_class or 25, None, [], 0)
     size = model.config["image_size"]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 7.0
+LEVELS = 256  # the values of an 8-bit channel, k / 127.5 - 1 on [-1, 1]
 HALF_BIN = 1.0 / 255.0  # half the width of one of the 256 levels on [-1, 1]
 
 
@@ -45,6 +46,19 @@ def log_sigmoid_difference(a, b):
     return a - F.softplus(a) - F.softplus(b) + torch.log(-torch.expm1(b - a))
 
 
+def level_log_probs(x, means, log_scales):
+    """log P(x) of values x on the 256 levels under logistics (means, exp(log_scales)) discretized
+    to those levels, elementwise with broadcasting."""
+    centered = x - means
+    inv_scale = torch.exp(-log_scales)
+    upper = inv_scale * (centered + HALF_BIN)
+    lower = inv_scale * (centered - HALF_BIN)
+    return torch.where(
+        x < -0.999, -F.softplus(-upper),      # level 0 takes all mass below its upper edge
+        torch.where(x > 0.999, -F.softplus(lower),  # level 255 takes all mass above
+                    log_sigmoid_difference(upper, lower)))
+
+
 def discretized_mix_logistic_log_probs(x, params):
     """log p(x_ij) of each pixel's RGB value, [B, H, W], in float32 (float64 for float64 input)."""
     dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
@@ -53,14 +67,7 @@ def discretized_mix_logistic_log_probs(x, params):
         x, params = x.to(dtype), params.to(dtype)
         logits, means, log_scales, coeffs = split_mixture_params(params)
         x = x.unsqueeze(2)  # [B, 3, 1, H, W]
-        centered = x - channel_means(means, coeffs, x)
-        inv_scale = torch.exp(-log_scales)
-        upper = inv_scale * (centered + HALF_BIN)
-        lower = inv_scale * (centered - HALF_BIN)
-        log_probs = torch.where(
-            x < -0.999, -F.softplus(-upper),      # level 0 takes all mass below its upper edge
-            torch.where(x > 0.999, -F.softplus(lower),  # level 255 takes all mass above
-                        log_sigmoid_difference(upper, lower)))
+        log_probs = level_log_probs(x, channel_means(means, coeffs, x), log_scales)  # [B, 3, M, H, W]
         log_mix = log_probs.sum(dim=1) + torch.log_softmax(logits, dim=1)  # [B, M, H, W]
         return torch.logsumexp(log_mix, dim=1)
 
@@ -113,20 +120,6 @@ def sample_from_discretized_mix_logistic(params, generator=None, noise=None):
     return torch.stack([r, g, b], dim=1)
 
 
-LEVELS = 256
-
-
-def level_log_probs(means, log_scales):
-    """log p(level) of each of the 256 levels under each logistic, [..., 256]: as
-    discretized_mix_logistic_log_probs scores one channel (the edge levels take the tails)."""
-    levels = torch.linspace(-1, 1, LEVELS, device=means.device, dtype=means.dtype)
-    centered = levels - means.unsqueeze(-1)  # [..., 256]
-    inv_scale = torch.exp(-log_scales).unsqueeze(-1)
-    upper, lower = inv_scale * (centered + HALF_BIN), inv_scale * (centered - HALF_BIN)
-    inner = log_sigmoid_difference(upper[..., 1:-1], lower[..., 1:-1])
-    return torch.cat([-F.softplus(-upper[..., :1]), inner, -F.softplus(lower[..., -1:])], dim=-1)
-
-
 def sample_guided_pixel(params, labels, weight, generator=None, uniforms=None):
     """Draw one RGB value per image from its label's mixture sharpened against the others: each
     channel, in the order R, G, B, from q(v) proportional to p_y(v)^(1 + weight) / mean_k p_k(v)^weight,
@@ -145,12 +138,14 @@ def sample_guided_pixel(params, labels, weight, generator=None, uniforms=None):
     log_weights = torch.log_softmax(logits, dim=-1).view(B, K, -1)  # [B, K, M]: the component posterior
     means, log_scales, coeffs = (t.view(B, K, 3, -1) for t in (means, log_scales, coeffs))
     rows = torch.arange(B, device=params.device)
+    levels = torch.linspace(-1, 1, LEVELS, device=params.device, dtype=params.dtype)
     x = torch.zeros(B, 3, device=params.device, dtype=params.dtype)
     log_q = torch.zeros(B, device=params.device, dtype=params.dtype)
     for ch in range(3):
         mean = channel_means(means.flatten(0, 1), coeffs.flatten(0, 1),
                              x.repeat_interleave(K, 0)[:, :, None])[:, ch].view(B, K, -1)  # [B, K, M]
-        per_component = level_log_probs(mean, log_scales[:, :, ch])  # [B, K, M, 256]
+        per_component = level_log_probs(levels, mean.unsqueeze(-1),
+                                        log_scales[:, :, ch].unsqueeze(-1))  # [B, K, M, 256]
         per_label = torch.logsumexp(log_weights.unsqueeze(-1) + per_component, dim=2) \
             - torch.logsumexp(log_weights, dim=2, keepdim=True)  # [B, K, 256]
         own = per_label[rows, labels]  # [B, 256]

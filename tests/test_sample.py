@@ -120,6 +120,23 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         assert not out.exists(), "nothing sampled before the inputs are checked"
 
 
+def test_cli_guidance_draws_the_guided_images_and_needs_labels(ckpt, tmp_path, capsys):
+    path, model = ckpt
+    out = tmp_path / "guided"
+    rc, stdout, _ = run_main(capsys, "--checkpoint", path, "--out-dir", out, "--classes", "1",
+                             "--n-per-class", 2, "--seed", 7, "--guidance", 1.5)
+    assert rc == 0 and "guidance 1.5" in stdout
+    expected = generate(model, torch.tensor([1, 1]), "fast", seed=derive_seed(7, 1, 0), guidance=1.5)
+    assert torch.equal(torch.stack([read_png(out / "Class1" / f"000{i}.png") for i in range(2)]), expected)
+
+    unconditional = dict(CONFIG, num_classes=0, embedding_dim=0, block_conditioning="none")
+    plain = str(tmp_path / "plain.pt")
+    state = tiny_model(unconditional).state_dict()
+    save_checkpoint(plain, {"model": state, "ema": state, "config": unconditional, "epoch": 0, "step": 0})
+    rc, _, err = run_main(capsys, "--checkpoint", plain, "--out-dir", tmp_path / "no", "--guidance", 1)
+    assert rc == 2 and err.strip().startswith("sample.py: error: --guidance") and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Completion.
 
