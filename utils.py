@@ -134,7 +134,8 @@ def sample_guided_pixel(params, labels, weight, generator=None, uniforms=None):
     B, K, C = params.shape
     if uniforms is None:
         uniforms = torch.rand((B, 3), generator=generator, device=params.device, dtype=params.dtype)
-    logits, means, log_scales, coeffs = (t[..., 0, 0] for t in split_mixture_params(params.reshape(B * K, C, 1, 1)))
+    one_pixel = params.reshape(B * K, C, 1, 1)
+    logits, means, log_scales, coeffs = (t[..., 0, 0] for t in split_mixture_params(one_pixel))
     log_weights = torch.log_softmax(logits, dim=-1).view(B, K, -1)  # [B, K, M]: the component posterior
     means, log_scales, coeffs = (t.view(B, K, 3, -1) for t in (means, log_scales, coeffs))
     rows = torch.arange(B, device=params.device)

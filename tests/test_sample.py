@@ -134,7 +134,8 @@ def test_cli_guidance_draws_the_guided_images_and_needs_labels(ckpt, tmp_path, c
     state = tiny_model(unconditional).state_dict()
     save_checkpoint(plain, {"model": state, "ema": state, "config": unconditional, "epoch": 0, "step": 0})
     rc, _, err = run_main(capsys, "--checkpoint", plain, "--out-dir", tmp_path / "no", "--guidance", 1)
-    assert rc == 2 and err.strip().startswith("sample.py: error: --guidance") and len(err.strip().splitlines()) == 1
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: --guidance")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ def test_guidance_raises_the_models_own_posterior_of_the_label():
     ratios = []
     for weight in (0.0, 1.0, 3.0):
         x, _ = sample_guided_pixel(params, labels, weight, uniforms=uniforms)
-        log_p = torch.stack([discretized_mix_logistic_log_probs(x[:, :, None, None], params[:, k, :, None, None])
+        pixel = x[:, :, None, None]
+        log_p = torch.stack([discretized_mix_logistic_log_probs(pixel, params[:, k, :, None, None])
                              for k in range(K)], dim=1)[:, :, 0, 0]  # [B, K]
         own = log_p[torch.arange(B), labels]
         ratios.append((own - (torch.logsumexp(log_p, dim=1) - np.log(K))).mean().item())
