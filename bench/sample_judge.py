@@ -12,7 +12,8 @@ it never sees. It prints its accuracy on that split, overall and per class, then
 each <samples>/ClassK/ folder (sample.py's layout) that it labels as class K, and the overall
 share, beside it; then the Frechet distance from the samples to the validation images in the
 judge's pooled features, beside that of as many random training images (the floor). --judge PATH
-reuses a judge saved with --save-judge (a plain state_dict) and trains nothing. The same --seed and --threads give the same judge on a CPU.
+reuses a judge saved with --save-judge (a plain state_dict) and trains nothing. The same --seed
+and --threads give the same judge on a CPU.
 
 The share says whether a sample shows its class to a classifier that is good on real images; it
 says nothing about diversity (one perfect image repeated would score 100%). The Frechet distance
