@@ -106,14 +106,31 @@ def read_split_csv(root, csv_path, num_classes=None, allow_unknown=True):
     """Rows (id, label) of a split CSV, with every listed file checked to exist. See the module doc."""
     if not os.path.isdir(root):
         raise DataError(f"data directory not found: {root}")
+    items = []
+    for where, item_id, label in _labelled_rows(csv_path, num_classes, allow_unknown):
+        path = image_path(root, csv_path, item_id)
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: listed file {item_id!r} does not exist (looked for {path})")
+        items.append((item_id, label))
+    return items
+
+
+def parse_split_csv(csv_path, num_classes=None, allow_unknown=True):
+    """Rows (id, label) of a split CSV, labels checked but files not looked for."""
+    return [(item_id, label) for _, item_id, label in _labelled_rows(csv_path, num_classes, allow_unknown)]
+
+
+def _labelled_rows(csv_path, num_classes, allow_unknown):
+    """Yield (where, id, label) for each data row, where = "<csv>, row N"; one error for a bad row
+    or for a CSV without rows."""
     if not os.path.isfile(csv_path):
         raise DataError(f"CSV file not found: {csv_path}")
-    items = []
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{csv_path}: cannot read as a CSV ({err})") from None
+    found = 0
     for row_number, row in enumerate(rows, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue  # blank line
@@ -131,13 +148,10 @@ def read_split_csv(root, csv_path, num_classes=None, allow_unknown=True):
         if label < low or (num_classes is not None and label >= num_classes):
             allowed = f"{low}..{num_classes - 1}" if num_classes is not None else f">= {low}"
             raise DataError(f"{where}: label {label} is outside {allowed}")
-        path = image_path(root, csv_path, item_id)
-        if not os.path.isfile(path):
-            raise DataError(f"{where}: listed file {item_id!r} does not exist (looked for {path})")
-        items.append((item_id, label))
-    if not items:
+        found += 1
+        yield where, item_id, label
+    if not found:
         raise DataError(f"{csv_path}: no rows")
-    return items
 
 
 def list_image_folder(folder):

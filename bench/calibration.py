@@ -10,7 +10,6 @@ stratified half and scored on the other (each half once). With --save it writes 
 checkpoint holding the T fitted on all the images, as train.py stores it after each evaluation:
 the upgrade for checkpoints trained before calibration.
 """
-import argparse
 import os
 import sys
 
@@ -19,7 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
-from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import first_line, load_checkpoint, save_checkpoint  # noqa: E402
+from config import ArgumentParser, UsageError, report  # noqa: E402
 from utils import calibration_metrics, fit_temperature, log_posterior  # noqa: E402
 
 
@@ -29,19 +29,32 @@ def line(name, log_likelihoods, labels, temperature):
             f"Brier {metrics['brier']:.4f}  ({len(labels)} images)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PROG = "calibration.py"
+
+
+def build_parser():
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--logits", required=True, help="log p(x|c) [N, K] from classify.py --logits")
     parser.add_argument("--csv", required=True, help="the id,label CSV that classify.py scored (--csv)")
     parser.add_argument("--checkpoint", help="the checkpoint that made the logits")
     parser.add_argument("--save", help="write a copy of --checkpoint with the fitted temperature here")
-    args = parser.parse_args()
-    log_likelihoods = torch.from_numpy(np.load(args.logits))
-    with open(args.csv) as f:
-        items = [(row.split(",")[0], int(row.split(",")[1])) for row in f if row.strip()]
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:  # also CheckpointError
+        return report(PROG, err)
+
+
+def run(args):
+    if args.save and not args.checkpoint:
+        raise UsageError("--save writes a copy of --checkpoint; name the checkpoint too")
+    state = load_checkpoint(args.checkpoint) if args.save else None  # fail before any figures
+    log_likelihoods, items = read_inputs(args.logits, args.csv)
     labels = torch.tensor([label for _, label in items])
-    if len(labels) != len(log_likelihoods):
-        sys.exit(f"calibration.py: error: {args.csv} has {len(labels)} rows, {args.logits} {len(log_likelihoods)}")
     print(line("the model's own posterior", log_likelihoods, labels, 1.0))
     fitted = fit_temperature(log_likelihoods, labels)
     print(line("T fitted on these images (in-sample)", log_likelihoods, labels, fitted))
@@ -52,10 +65,24 @@ def main():
                              (second, first, "fitted on half B, scored on half A")):
         print(line(name, log_likelihoods[score], labels[score], fit_temperature(log_likelihoods[fit], labels[fit])))
     if args.save:
-        state = load_checkpoint(args.checkpoint)
         save_checkpoint(args.save, {**state, "temperature": fitted})
         print(f"wrote {args.save} with temperature {fitted:.4f}")
+    return 0
+
+
+def read_inputs(logits_path, csv_path):
+    """-> (log p(x|c) [N, K] as float64, the CSV's N (id, label) rows, every label known and < K)."""
+    try:
+        log_likelihoods = torch.from_numpy(np.load(logits_path)).double()
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--logits {logits_path}: not a .npy array ({first_line(err)})") from None
+    if log_likelihoods.ndim != 2:
+        raise UsageError(f"--logits {logits_path}: expected [images, classes], got shape {list(log_likelihoods.shape)}")
+    items = dataset.parse_split_csv(csv_path, log_likelihoods.shape[1], allow_unknown=False)
+    if len(items) != len(log_likelihoods):
+        raise UsageError(f"{csv_path} has {len(items)} rows, {logits_path} {len(log_likelihoods)}")
+    return log_likelihoods, items
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""bench/calibration.py: on overconfident log-likelihoods the fitted temperature lowers ECE and
+NLL, --save stores exactly that temperature in a copy of the checkpoint, and bad inputs exit 2
+with one line and write nothing."""
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
+
+import calibration  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from utils import fit_temperature  # noqa: E402
+
+
+def overconfident(n=200, k=4, seed=0):
+    """log p(x|c) [n, k] whose argmax is right 3 times in 4 but whose margins are tens of nats,
+    as a generative classifier's are; and the labels [n]."""
+    rng = np.random.RandomState(seed)
+    labels = rng.randint(0, k, n)
+    scores = rng.normal(0, 1, (n, k))
+    scores[np.arange(n), labels] += 1.2
+    return -3000 + 30 * scores, labels
+
+
+def write_inputs(folder, log_likelihoods, labels):
+    """classify.py's --logits file and the id,label CSV it scored (ids need not exist as files)."""
+    logits, csv = str(folder / "ll.npy"), str(folder / "split.csv")
+    np.save(logits, log_likelihoods)
+    with open(csv, "w") as f:
+        f.writelines(f"train/{i:04d}.jpg,{label}\n" for i, label in enumerate(labels))
+    return logits, csv
+
+
+def printed(out):
+    """calibration.py's lines -> {name: {"T": .., "ECE": .., "NLL": .., "Brier": ..}}."""
+    rows = {}
+    for line in out.splitlines():
+        match = re.match(r"(.+?)\s+T\s+(\S+)\s+ECE (\S+)\s+NLL (\S+)\s+Brier (\S+)", line)
+        if match:
+            rows[match[1]] = dict(zip(("T", "ECE", "NLL", "Brier"), map(float, match.groups()[1:])))
+    return rows
+
+
+def test_the_fitted_temperature_calibrates_and_is_stored_by_save(tmp_path, capsys):
+    ll, labels = overconfident()
+    logits, csv = write_inputs(tmp_path, ll, labels)
+    checkpoint, saved = str(tmp_path / "model.pt"), str(tmp_path / "model_T.pt")
+    save_checkpoint(checkpoint, {"model": {"w": torch.arange(3.0)}, "config": {"num_classes": 4}, "step": 7})
+
+    assert calibration.main(["--logits", logits, "--csv", csv, "--checkpoint", checkpoint, "--save", saved]) == 0
+    rows = printed(capsys.readouterr().out)
+
+    raw, fitted = rows["the model's own posterior"], rows["T fitted on these images (in-sample)"]
+    assert raw["T"] == 1 and fitted["T"] > 5
+    assert fitted["ECE"] < raw["ECE"] / 2 and fitted["NLL"] < raw["NLL"] / 2
+    halves = [rows[f"fitted on half {a}, scored on half {b}"] for a, b in ("AB", "BA")]
+    assert all(half["ECE"] < raw["ECE"] for half in halves)
+
+    state = load_checkpoint(saved)
+    assert state["temperature"] == fit_temperature(torch.from_numpy(ll), torch.from_numpy(labels))
+    assert abs(state["temperature"] - fitted["T"]) < 1e-3
+    assert torch.equal(state["model"]["w"], torch.arange(3.0)) and state["step"] == 7
+    assert "temperature" not in load_checkpoint(checkpoint)
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
+    ll, labels = overconfident(n=20)
+    logits, csv = write_inputs(tmp_path, ll, labels)
+    short_logits = str(tmp_path / "short.npy")
+    np.save(short_logits, ll[:10])
+    flat_logits = str(tmp_path / "flat.npy")
+    np.save(flat_logits, ll[:, 0])
+    text = tmp_path / "text.npy"
+    text.write_text("not numpy")
+    wide_labels = tmp_path / "wide.csv"
+    wide_labels.write_text("train/0.jpg,4\n")
+    saved = tmp_path / "saved.pt"
+    cases = {
+        "name the checkpoint too": ["--logits", logits, "--csv", csv, "--save", str(saved)],
+        "checkpoint not found": ["--logits", logits, "--csv", csv, "--checkpoint", str(tmp_path / "no.pt"),
+                                 "--save", str(saved)],
+        "has 20 rows": ["--logits", short_logits, "--csv", csv],
+        "expected [images, classes]": ["--logits", flat_logits, "--csv", csv],
+        "not a .npy array": ["--logits", str(text), "--csv", csv],
+        "label 4 is outside 0..3": ["--logits", logits, "--csv", str(wide_labels)],
+        "CSV file not found": ["--logits", logits, "--csv", str(tmp_path / "no.csv")],
+        "required": ["--csv", csv],
+    }
+    for message, argv in cases.items():
+        try:
+            code = calibration.main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert err.count("\n") == 1 and message in err, err
+        assert not saved.exists()
