@@ -69,6 +69,8 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("eval_batch_size", int, 64, "images per forward pass in evaluation", "[1, inf)"),
     Key("lr", float, 0.002, "Adam's learning rate", "(0, inf)"),
     Key("lr_decay", float, 0.999, "multiplicative, every step", "(0, 1]"),
+    Key("lr_restart", bool, False, "on resume, start the decay again at lr even where lr is the "
+        "run's own (a new lr always restarts it); this chunk only"),
     Key("grad_clip", float, None, "max gradient norm, or null", "(0, inf)", nullable=True),
     Key("ema_decay", float, 0.99, "decay of the weight average that is evaluated and saved", "[0, 1)"),
     Key("cls_loss_weight", float, 0.0, "weight of the label posterior's cross-entropy (nats/image)",
@@ -119,6 +121,8 @@ def validate_config(config):
         validate_model_config({k: config[k] for k in MODEL_DEFAULTS})
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if config["lr_restart"] and config["resume"] is None:
+        raise UsageError("config key 'lr_restart' restarts a resumed run's decay; it needs resume")
     if config["cls_loss_weight"] > 0 and config["num_classes"] == 0:
         raise UsageError("config key 'cls_loss_weight' needs num_classes > 0 (a conditional model)")
     return config
@@ -193,7 +197,7 @@ def merge_on_resume(stored, given, source):
         if name in given and coerce(name, given[name]) != stored[name]:
             raise UsageError(f"config key {name!r} is {given[name]!r} but the checkpoint {source} "
                              f"was trained with {stored[name]!r}; model keys cannot change on resume")
-    return {**stored, **given, "resume": source}
+    return {**stored, "lr_restart": False, **given, "resume": source}
 
 
 def resume_path(config):

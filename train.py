@@ -429,13 +429,15 @@ class Trainer:
         if p.metrics is not None:
             self.evaluated_at = (p.metrics["epoch"], p.metrics["step"])
         restore_rng(state, self.rank, self.world_size)
-        # A new lr restarts the decay from it, a new lr_decay decays at that rate from here on:
-        # the optimizer's and scheduler's states would silently keep the old ones.
-        if c["lr"] != stored.get("lr"):
+        # A new lr (or lr_restart) restarts the decay from it, a new lr_decay decays at that rate
+        # from here on: the optimizer's and scheduler's states would silently keep the old ones.
+        if c["lr_restart"] or c["lr"] != stored.get("lr"):
+            current = self.optimizer.param_groups[0]["lr"]
             for group in self.optimizer.param_groups:
                 group["lr"] = c["lr"]
             self.scheduler.base_lrs = [c["lr"]] * len(self.optimizer.param_groups)
-            self.log(f"lr restarts at {c['lr']} (was {stored.get('lr')} when the run began)")
+            self.log(f"lr restarts at {c['lr']} (was {current:.3g} at step {p.step}, "
+                     f"{stored.get('lr')} when the run began)")
         self.scheduler.gamma = c["lr_decay"]
         self.log(f"resumed from {c['resume']}: epoch {p.epoch}, batch {p.batch_in_epoch}, step {p.step}")
 

@@ -178,6 +178,20 @@ def test_resume_with_a_new_lr_restarts_the_schedule(tiny_data, tmp_path):
     assert read_metrics(out)[-1]["lr"] == pytest.approx(0.001 * 0.9 ** 3)
 
 
+def test_lr_restart_starts_the_decay_again_at_the_runs_own_lr_for_that_chunk_only(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--lr-decay", "0.5")) == 0
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume", "--lr", "0.002")) == 0
+    assert read_metrics(out)[-1]["lr"] == pytest.approx(0.002 * 0.5 ** 6)  # the run's own lr: decay goes on
+    assert train.main(args(tiny_data, out, "--epochs", "3", "--resume", "--lr-restart")) == 0
+    assert "lr restarts at 0.002" in capsys.readouterr().err
+    assert read_metrics(out)[-1]["lr"] == pytest.approx(0.002 * 0.5 ** 3)
+    assert train.main(args(tiny_data, out, "--epochs", "4", "--resume")) == 0  # the restart is not kept
+    assert read_metrics(out)[-1]["lr"] == pytest.approx(0.002 * 0.5 ** 6)
+    assert train.main(args(tiny_data, tmp_path / "fresh", "--epochs", "1", "--lr-restart")) == 2
+    assert "needs resume" in capsys.readouterr().err
+
+
 def test_max_time_ends_cleanly(tiny_data, tmp_path):
     out = tmp_path / "out"
     start = time.time()
