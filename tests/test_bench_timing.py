@@ -1,0 +1,47 @@
+"""The timing benchmarks still run against the code: bench/train_throughput.py credits every
+variant with the same work per image, and bench/sampling.py prints a row per config and batch.
+Tiny models, one step; the timings themselves are not checked (benchmarks, not tests)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+TINY = "nr_resnet=1,nr_filters=8,nr_logistic_mix=2,image_size=8"
+
+
+def bench(script, *argv):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *argv], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_train_throughput_counts_the_same_work_for_every_variant():
+    results = {}
+    for variant in ("fp32", "channels_last"):
+        last = bench("train_throughput.py", "--configs", f"configs/demo.yaml:{TINY}", "--one", variant,
+                     "--steps", "1", "--batch-size", "2").strip().splitlines()[-1]
+        results[variant] = json.loads(last)
+    assert all(r["images_per_s"] > 0 for r in results.values())
+    assert results["fp32"]["gflop_per_image"] > 0
+    assert results["fp32"]["gflop_per_image"] == results["channels_last"]["gflop_per_image"]
+
+
+def test_train_throughput_rejects_an_unknown_variant():
+    out = subprocess.run([sys.executable, "bench/train_throughput.py", "--variants", "fp33"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown option 'fp33'" in out.stderr
+
+
+def test_sampling_prints_a_row_per_config_and_batch(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("".join(f"{item.replace('=', ': ')}\n" for item in TINY.split(",")) + "num_classes: 4\n")
+    out = bench("sampling.py", "--configs", str(config), "--batches", "1", "2", "--naive-budget", "0.01")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny.yaml")]
+    assert [row[1].strip() for row in rows] == ["1", "2"]
+    for row in rows:
+        naive, fast = float(row[2]), float(row[3])
+        assert naive > 0 and fast > 0 and row[5].strip() in ("all pixels",) + tuple(
+            f"first {r} rows, x{8 / r:.3g}" for r in range(1, 9))
