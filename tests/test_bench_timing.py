@@ -1,10 +1,17 @@
 """The timing benchmarks still run against the code: bench/train_throughput.py credits every
-variant with the same work per image, and bench/sampling.py prints a row per config and batch.
-Tiny models, one step; the timings themselves are not checked (benchmarks, not tests)."""
+variant with the same work per image, bench/sampling.py prints a row per config and batch, and
+bench/classify_speed.py finds no difference between this checkout and itself. Tiny models, one
+step; the timings themselves are not checked (benchmarks, not tests)."""
 import json
 import os
 import subprocess
 import sys
+
+import torch
+
+from checkpoint import save_checkpoint
+from dataset import make_demo_dataset
+from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -45,3 +52,17 @@ def test_sampling_prints_a_row_per_config_and_batch(tmp_path):
         naive, fast = float(row[2]), float(row[3])
         assert naive > 0 and fast > 0 and row[5].strip() in ("all pixels",) + tuple(
             f"first {r} rows, x{8 / r:.3g}" for r in range(1, 9))
+
+
+def test_classify_speed_finds_no_difference_between_the_checkout_and_its_head(tmp_path):
+    root = make_demo_dataset(str(tmp_path / "demo"), n_per_class=2, n_val_per_class=1, n_test_per_class=1,
+                             image_size=8)
+    config = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "num_classes": 4, "image_size": 8}
+    torch.manual_seed(0)
+    weights = build_model(config).state_dict()
+    checkpoint = str(tmp_path / "tiny.pt")
+    save_checkpoint(checkpoint, {"model": weights, "ema": weights, "config": config, "epoch": 1, "step": 1})
+    out = bench("classify_speed.py", "--ref", "HEAD", "--checkpoint", checkpoint, "--data-dir", root,
+                "--csv", os.path.join(root, "train.csv"), "--rounds", "1")
+    assert "(8 images)" in out and "| this |" in out and "| HEAD |" in out
+    assert "predictions that differ: 0 of 8" in out
