@@ -207,6 +207,8 @@ def test_missing_listed_file(tmp_path):
     csv_path = make_layout(str(tmp_path), [("train/a.png", 0)], "train/a.png,0\r\ntrain/gone.png,1\r\n")
     with pytest.raises(ds.DataError, match=r"train\.csv, row 2: listed file 'train/gone.png'"):
         ds.read_split_csv(str(tmp_path), csv_path)
+    # the labels alone, for tools that never open the images (bench/calibration.py)
+    assert ds.parse_split_csv(csv_path) == [("train/a.png", 0), ("train/gone.png", 1)]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -220,6 +222,8 @@ def test_malformed_rows(tmp_path, content, message):
     with pytest.raises(ds.DataError, match=message) as info:
         ds.read_split_csv(str(tmp_path), csv_path, num_classes=4)
     assert "train.csv" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ds.DataError, match=message):
+        ds.parse_split_csv(csv_path, num_classes=4)
 
 
 def test_unknown_label_rejected_for_training(tmp_path):
