@@ -1,4 +1,5 @@
 """Atomic writes, checkpoints that cannot run code, rebuilding a model, and the RNG state."""
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,29 @@ def test_model_from_checkpoint_prefers_ema(tmp_path):
     x, y = torch.zeros(1, 3, 8, 8), torch.tensor([1])
     assert torch.equal(model_from_checkpoint(state)(x, y), ema.eval()(x, y))
     assert torch.equal(model_from_checkpoint(state, weights="model")(x, y), model.eval()(x, y))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_ROOT = os.path.join(REPO, "..", "shared", "data", "cpen455")
+
+
+@pytest.mark.parametrize("name", ["demo.pt", "cpen455.pt"])
+def test_the_shipped_checkpoints_load_safely_fit_the_size_limit_and_carry_a_temperature(name):
+    path = os.path.join(REPO, "checkpoints", name)
+    assert os.path.getsize(path) <= 25 * 2 ** 20
+    state = load_checkpoint(path)  # weights_only=True
+    model = model_from_checkpoint(state)
+    assert model.config["num_classes"] == 4 and model.config["image_size"] == 32
+    assert state["temperature"] > 1  # fitted on held-out images: the raw posterior is overconfident
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_ROOT), reason="needs ../shared/data/cpen455")
+def test_the_shipped_cpen455_model_classifies_real_images():
+    from classify import score_images
+    from dataset import item_paths, read_split_csv
+    csv_path = os.path.join(REAL_ROOT, "train.csv")
+    items = read_split_csv(REAL_ROOT, csv_path, 4, allow_unknown=False)[:8]
+    model = model_from_checkpoint(load_checkpoint(os.path.join(REPO, "checkpoints", "cpen455.pt"))).eval()
+    log_likelihoods, _ = score_images(model, item_paths(REAL_ROOT, csv_path, items), 4, 8, "cpu", progress=False)
+    correct = sum(int(ll.argmax() == label) for ll, (_, label) in zip(log_likelihoods, items))
+    assert correct >= 6, correct  # 8 of 8 when it shipped
