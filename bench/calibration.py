@@ -22,14 +22,13 @@ from checkpoint import first_line, load_checkpoint, save_checkpoint  # noqa: E40
 from config import ArgumentParser, UsageError, report  # noqa: E402
 from utils import calibration_metrics, fit_temperature, log_posterior  # noqa: E402
 
+PROG = "calibration.py"
+
 
 def line(name, log_likelihoods, labels, temperature):
     metrics = calibration_metrics(log_posterior(log_likelihoods, temperature=temperature).exp(), labels)
     return (f"{name:<44} T {temperature:7.3f}  ECE {metrics['ece']:.4f}  NLL {metrics['nll']:.4f}  "
             f"Brier {metrics['brier']:.4f}  ({len(labels)} images)")
-
-
-PROG = "calibration.py"
 
 
 def build_parser():

@@ -1,4 +1,4 @@
-"""Atomic writes, checkpoints that cannot run code, rebuilding a model, and the RNG state."""
+"""Atomic writes, checkpoints that cannot run code, rebuilding a model, the RNG state, and the shipped checkpoints."""
 import os
 import subprocess
 import sys
@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from classify import score_images
 from conftest import randomize_label_parameters
+from dataset import item_paths, read_split_csv
 from model import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_ROOT = os.path.join(REPO, "..", "shared", "data", "cpen455")
 
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
             num_classes=3, embedding_dim=4, block_conditioning="film")
@@ -68,10 +73,6 @@ def test_model_from_checkpoint_prefers_ema(tmp_path):
     assert torch.equal(model_from_checkpoint(state, weights="model")(x, y), model.eval()(x, y))
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_ROOT = os.path.join(REPO, "..", "shared", "data", "cpen455")
-
-
 @pytest.mark.parametrize("name", ["demo.pt", "cpen455.pt"])
 def test_the_shipped_checkpoints_load_safely_fit_the_size_limit_and_carry_a_temperature(name):
     path = os.path.join(REPO, "checkpoints", name)
@@ -84,8 +85,6 @@ def test_the_shipped_checkpoints_load_safely_fit_the_size_limit_and_carry_a_temp
 
 @pytest.mark.skipif(not os.path.isdir(REAL_ROOT), reason="needs ../shared/data/cpen455")
 def test_the_shipped_cpen455_model_classifies_real_images():
-    from classify import score_images
-    from dataset import item_paths, read_split_csv
     csv_path = os.path.join(REAL_ROOT, "train.csv")
     items = read_split_csv(REAL_ROOT, csv_path, 4, allow_unknown=False)[:8]
     model = model_from_checkpoint(load_checkpoint(os.path.join(REPO, "checkpoints", "cpen455.pt"))).eval()
