@@ -63,6 +63,8 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("report_seed", int, 1, "seeds the report split (the validation split uses seed)"),
     Key("num_workers", int, 0, "DataLoader workers", "[0, inf)"),
     Key("hflip", bool, False, "mirror each training image left-right with probability 1/2"),
+    Key("shift", int, 0, "translate each training image by up to this many pixels along each axis "
+        "(reflected edges; 0: off)", "[0, inf)"),
     # optimisation
     Key("epochs", int, 8, "epochs in all (a resumed run trains up to this many)", "[1, inf)"),
     Key("batch_size", int, 32, "images per step, per process", "[1, inf)"),
@@ -123,6 +125,9 @@ def validate_config(config):
         raise UsageError(str(err)) from None
     if config["lr_restart"] and config["resume"] is None:
         raise UsageError("config key 'lr_restart' restarts a resumed run's decay; it needs resume")
+    if config["shift"] >= config["image_size"]:
+        raise UsageError(f"config key 'shift' must be below image_size ({config['image_size']}), "
+                         f"got {config['shift']}")
     if config["cls_loss_weight"] > 0 and config["num_classes"] == 0:
         raise UsageError("config key 'cls_loss_weight' needs num_classes > 0 (a conditional model)")
     return config

@@ -24,6 +24,8 @@ load_images(paths, image_size, progress=None) -> uint8 [N, 3, S, S]  RGB, resize
     bilinear); DataError naming the file for a corrupt or non-image file.
 to_model_input(uint8 [..., 3, H, W]) -> float32 in [-1, 1] (x / 127.5 - 1, the 256 levels)
 random_hflip(x [B, C, H, W], seed) -> x with each image mirrored left-right with probability 1/2
+random_shift(x [B, C, H, W], max_shift, seed) -> x with each image translated by up to max_shift
+    pixels along each axis, the edges reflected
 LabelledImages(images_uint8, labels)      torch Dataset -> (x float [3, H, W] in [-1, 1], label int)
 split_train_val(items, val_fraction, seed) -> (train_items, val_items)  seeded, stratified per label
 load_labelled_split(root, split, image_size, num_classes=None, progress=None) -> (items, uint8 images)
@@ -43,6 +45,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from config import UsageError
@@ -211,6 +214,17 @@ def random_hflip(x, seed):
     """Mirror each image of [B, C, H, W] left-right with probability 1/2, drawn from `seed`."""
     flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5  # [B]
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def random_shift(x, max_shift, seed):
+    """Translate each image of [B, C, H, W] by (dy, dx), each drawn uniformly from
+    -max_shift..max_shift with a generator seeded by `seed`. Reflected edges keep every value on
+    the image's own levels, with no constant border for the likelihood to learn."""
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(x), 2), generator=torch.Generator().manual_seed(seed))
+    padded = F.pad(x, [max_shift] * 4, mode="reflect")  # [B, C, H + 2s, W + 2s]
+    height, width = x.shape[-2:]
+    return torch.stack([image[:, dy:dy + height, dx:dx + width]
+                        for image, (dy, dx) in zip(padded, offsets.tolist())])
 
 
 class LabelledImages(torch.utils.data.Dataset):

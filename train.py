@@ -252,11 +252,14 @@ class Trainer:
     def prepare_batch(self, x, y):
         c = self.config
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        # Augmentation has its own generators, seeded by (seed, step, rank): the dropout stream
+        # stays as without it, and a resumed run draws the same flips and shifts.
         if c["hflip"]:
-            # Its own generator, seeded by (seed, step, rank): the dropout stream stays as without
-            # flips, and a resumed run flips the same images.
             seed = np.random.SeedSequence([c["seed"], self.progress.step, self.rank]).generate_state(1)[0]
             x = dataset.random_hflip(x, int(seed))
+        if c["shift"]:
+            seed = np.random.SeedSequence([c["seed"], self.progress.step, self.rank, 1]).generate_state(1)[0]
+            x = dataset.random_shift(x, c["shift"], int(seed))
         if c["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
