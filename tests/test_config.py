@@ -54,7 +54,8 @@ def test_values_are_checked_against_the_table():
                           (["--grad-clip", "0"], r"'grad_clip' must be in \(0, inf\) or null"),
                           (["--amp", "yes please"], "'amp' must be true or false"),
                           (["--nr-filters", "null"], "'nr_filters' cannot be null"),
-                          (["--device", "tpu"], "'device' must be one of")]:
+                          (["--device", "tpu"], "'device' must be one of"),
+                          (["--shift", "32"], r"'shift' must be below image_size \(32\)")]:
         with pytest.raises(UsageError, match=message):
             parse(argv)
 

@@ -280,3 +280,18 @@ def test_random_hflip_mirrors_about_half_the_batch_reproducibly():
     assert 70 < sum(mirrored) < 130
     assert torch.equal(out, ds.random_hflip(x, seed=7))
     assert not torch.equal(out, ds.random_hflip(x, seed=8))
+
+
+def test_random_shift_translates_each_image_with_reflected_edges_reproducibly():
+    x = torch.randn(100, 3, 8, 8)
+    out = ds.random_shift(x, 2, seed=7)
+    assert out.shape == x.shape and torch.equal(out, ds.random_shift(x, 2, seed=7))
+    assert not torch.equal(out, ds.random_shift(x, 2, seed=8))
+    padded = torch.nn.functional.pad(x, [2] * 4, mode="reflect")  # the reflection, written once more
+    offsets = set()
+    for o, p in zip(out, padded):
+        matches = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(o, p[:, dy:dy + 8, dx:dx + 8])]
+        assert len(matches) == 1  # each image is exactly one translation of its reflected self
+        offsets.add(matches[0])
+    assert len(offsets) > 15  # of the 25 (dy, dx), nearly all are drawn
+    assert torch.equal(ds.random_shift(x, 0, seed=7), x)

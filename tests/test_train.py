@@ -290,14 +290,16 @@ def test_demo_config_learns_to_classify(tmp_path):
     assert metrics[-1]["val_acc"] > 0.7, metrics  # chance is 0.25
 
 
-def test_hflip_changes_training_and_resumes_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("augmentation", [["--hflip"], ["--shift", "2"]])
+def test_augmentation_changes_training_and_resumes_exactly(tiny_data, tmp_path, augmentation):
     a, b, plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
-    assert train.main(args(tiny_data, a, "--epochs", "2", "--hflip")) == 0
-    assert train.main(args(tiny_data, b, "--epochs", "1", "--hflip")) == 0
-    assert train.main(args(tiny_data, b, "--epochs", "2", "--resume")) == 0  # hflip comes from the checkpoint
+    assert train.main(args(tiny_data, a, "--epochs", "2", *augmentation)) == 0
+    assert train.main(args(tiny_data, b, "--epochs", "1", *augmentation)) == 0
+    assert train.main(args(tiny_data, b, "--epochs", "2", "--resume")) == 0  # it comes from the checkpoint
     assert train.main(args(tiny_data, plain, "--epochs", "2")) == 0
     sa, sb, sp = (torch.load(d / "last.pt", weights_only=True) for d in (a, b, plain))
-    assert sb["config"]["hflip"] is True
+    assert sb["config"]["hflip"] is ("--hflip" in augmentation)
+    assert sb["config"]["shift"] == (2 if "--shift" in augmentation else 0)
     assert_same_tensors(sa["model"], sb["model"], "model")
     assert any(not torch.equal(sa["model"][k], sp["model"][k]) for k in sa["model"])  # flips mattered
 
