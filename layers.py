@@ -100,6 +100,32 @@ def right_shift(x):
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
+class Crop(torch.autograd.Function):
+    """x[:, :, :height, left:left + width], whose gradient keeps x's memory layout (autograd's own
+    slice backward writes a [B, C, H, W]-contiguous gradient, which a channels-last convolution
+    then converts back, in every layer) and is written in one pass (it zeroes the border only)."""
+
+    @staticmethod
+    def forward(ctx, x, height, left, width):
+        ctx.shape, ctx.box, ctx.layout = x.shape, (height, left, width), memory_layout(x)
+        return x[:, :, :height, left:left + width]
+
+    @staticmethod
+    def backward(ctx, grad):
+        height, left, width = ctx.box
+        full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
+        full[:, :, :height, left:left + width] = grad
+        full[:, :, height:] = 0  # zero only the cropped border, not the whole gradient first
+        full[:, :, :height, :left] = 0
+        full[:, :, :height, left + width:] = 0
+        return full, None, None, None
+
+
+def crop(x, height, left, width):
+    """[B, C, H, W] -> the view [B, C, height, width] at row 0 and column `left`."""
+    return Crop.apply(x, height, left, width) if needs_grad([x]) else x[:, :, :height, left:left + width]
+
+
 class ShiftedConv2d(nn.Module):
     """A conv whose input is padded by `pad` = (left, right, top, bottom), with top and the sides
     at most one: the conv pads one on every side itself, and the extra output row or column is
@@ -115,7 +141,7 @@ class ShiftedConv2d(nn.Module):
         out = self.conv(x)  # [B, C', H', W']: an extra row (and column) where it padded both sides
         H, W = [(n + self.conv.stride - 1) // self.conv.stride for n in x.shape[2:]]
         left = max(self.pad[:2]) - self.pad[0]
-        return out[:, :, :H, left:left + W]
+        return crop(out, H, left, W)
 
 
 class DownShiftedConv2d(ShiftedConv2d):
@@ -146,7 +172,7 @@ class DownShiftedDeconv2d(nn.Module):
     def forward(self, x):
         kh, kw = self.kernel_size
         out = self.deconv(x)  # [B, C', 2H + kh - 1, 2W + kw - 1]
-        return out[:, :, : out.shape[2] - kh + 1, (kw - 1) // 2 : out.shape[3] - (kw - 1) // 2]
+        return crop(out, out.shape[2] - kh + 1, (kw - 1) // 2, out.shape[3] - kw + 1)
 
 
 class DownRightShiftedDeconv2d(nn.Module):
@@ -160,7 +186,7 @@ class DownRightShiftedDeconv2d(nn.Module):
     def forward(self, x):
         kh, kw = self.kernel_size
         out = self.deconv(x)
-        return out[:, :, : out.shape[2] - kh + 1, : out.shape[3] - kw + 1]
+        return crop(out, out.shape[2] - kh + 1, 0, out.shape[3] - kw + 1)
 
 
 def dropout(x, p, training):
@@ -200,20 +226,31 @@ def concat_elu_forward(xs):
     both halves, as elu(x) = max(x, c) and elu(-x) = max(-x, c) with c = exp(-|x|) - 1."""
     B, _, H, W = xs[0].shape
     C = sum(x.shape[1] for x in xs)
-    layout = torch.channels_last if is_channels_last(xs[0]) else torch.contiguous_format
+    layout = memory_layout(xs[0])
     out = torch.empty(B, 2 * C, H, W, dtype=xs[0].dtype, device=xs[0].device, memory_format=layout)
+    # Work on views in memory order, so that every temporary takes the layout of its input.
+    order = memory_order(layout)
+    out_view, channel_dim = out.permute(order), order.index(1)
     start = 0
     for x in xs:
-        end = start + x.shape[1]
+        x = x.permute(order)
         curved = x.abs().neg_().exp_().sub_(1)
-        torch.maximum(x, curved, out=out[:, start:end])
-        torch.maximum(x.neg(), curved, out=out[:, C + start:C + end])
-        start = end
+        torch.maximum(x, curved, out=out_view.narrow(channel_dim, start, x.shape[channel_dim]))
+        torch.maximum(x.neg(), curved, out=out_view.narrow(channel_dim, C + start, x.shape[channel_dim]))
+        start += x.shape[channel_dim]
     return out
 
 
-def is_channels_last(x):
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def memory_layout(x):
+    """torch.channels_last where x [B, C, H, W] keeps its channels adjacent in memory (a cropped
+    view included), else torch.contiguous_format."""
+    channels_adjacent = x.stride(1) == 1 and x.shape[1] > 1
+    return torch.channels_last if channels_adjacent else torch.contiguous_format
+
+
+def memory_order(layout):
+    """The dims of a [B, C, H, W] tensor in `layout`, outermost first."""
+    return (0, 2, 3, 1) if layout == torch.channels_last else (0, 1, 2, 3)
 
 
 class Elu(torch.autograd.Function):

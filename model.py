@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from layers import (BLOCK_CONDITIONING, NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d,
-                    DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, elu, right_shift)
+                    DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift, elu, memory_layout,
+                    right_shift)
 
 @dataclass(frozen=True)
 class Key:
@@ -151,7 +152,7 @@ class PixelCNNpp(nn.Module):
         if self.label_embedding is not None:
             emb = self.label_embedding(labels).to(x.dtype)  # [B, E]
             parts.append(emb[:, :, None, None].expand(-1, -1, *x.shape[2:]))
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1).contiguous(memory_format=memory_layout(x))  # x's layout
 
     def forward(self, x, labels=None):
         self.check_inputs(x, labels)
@@ -179,7 +180,7 @@ class PixelCNNpp(nn.Module):
                 ul = self.upsize_ul[level](ul)
         assert not u_list and not ul_list, "every up-pass activation feeds exactly one skip"
 
-        return self.out(elu(ul))  # [B, 10 * M, H, W]
+        return self.out(elu(ul)).contiguous()  # [B, 10 * M, H, W], the loss's layout in any case
 
 
 def build_model(config):

@@ -5,7 +5,7 @@ import pytest
 import torch.nn.functional as F
 
 from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
-                    DownShiftedDeconv2d, GatedResnet, WNConv2d, WNConvTranspose2d, concat_elu,
+                    DownShiftedDeconv2d, GatedResnet, WNConv2d, WNConvTranspose2d, concat_elu, crop,
                     data_dependent_init, dropout, elu)
 from model import build_model
 
@@ -63,6 +63,21 @@ def test_deconvs_double_the_size_and_stay_shifted():
     assert DownRightShiftedDeconv2d(4, 2)(x).shape == (1, 2, 6, 6)
     grad = influence_of_inputs(DownRightShiftedDeconv2d(2, 2), (1, 2, 3, 3), 2, 2)
     assert grad[2:].sum() == 0 and grad[:, 2:].sum() == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crop_is_a_slice_whose_gradient_keeps_the_layout(channels_last):
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = crop(x, 4, 1, 4)
+    assert torch.equal(out, x[:, :, :4, 1:5])
+    out.backward(torch.ones_like(out))
+    assert x.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    expected = torch.zeros_like(x)
+    expected[:, :, :4, 1:5] = 1
+    assert torch.equal(x.grad, expected)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

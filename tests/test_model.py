@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import randomize_label_parameters
+from layers import WeightNorm
 from model import MODEL_DEFAULTS, build_model, validate_model_config
 
 MODES = [  # (num_classes, embedding_dim, block_conditioning)
@@ -41,6 +42,30 @@ def test_output_depends_only_on_earlier_pixels(num_classes, embedding_dim, condi
             assert influence[:position].gt(0).any(), f"output at {(i, j)} sees no earlier pixel"
         if j > 0:
             assert influence[position - 1] > 0, f"output at {(i, j)} ignores the pixel to its left"
+
+
+def test_channels_last_input_runs_channels_last_and_computes_the_same():
+    """A channels-last input keeps every convolution channels-last (where oneDNN is fastest on some
+    CPUs), with the outputs and gradients of [B, C, H, W] memory."""
+    model = tiny_model(3, 4, "film")
+    x, labels = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 2])
+    conv_inputs = []
+    for module in model.modules():
+        if isinstance(module, WeightNorm):
+            module.register_forward_hook(lambda m, inputs, out: conv_inputs.append(inputs[0]))
+
+    def output_and_gradients(x):
+        model.zero_grad()
+        out = model(x, labels)
+        (out ** 2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+    out, grads = output_and_gradients(x)
+    conv_inputs.clear()
+    out_cl, grads_cl = output_and_gradients(x.contiguous(memory_format=torch.channels_last))
+    assert conv_inputs and all(i.is_contiguous(memory_format=torch.channels_last) for i in conv_inputs)
+    assert torch.allclose(out_cl, out, rtol=1e-12, atol=1e-12)
+    for g_cl, g in zip(grads_cl, grads):
+        assert torch.allclose(g_cl, g, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("num_classes,embedding_dim,conditioning", [m for m in MODES if m[0]])
