@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from layers import memory_layout
+
 LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 7.0
 LEVELS = 256  # the values of an 8-bit channel, k / 127.5 - 1 on [-1, 1]
 HALF_BIN = 1.0 / 255.0  # half the width of one of the 256 levels on [-1, 1]
@@ -166,7 +168,7 @@ def class_pixel_log_likelihoods(model, x, num_classes):
     k*B..(k+1)*B-1 carry label k). Summed over H and W, it is class_log_likelihoods."""
     B = x.shape[0]
     labels = torch.arange(num_classes, device=x.device).repeat_interleave(B)  # [K*B]
-    repeated = x.repeat(num_classes, 1, 1, 1)
+    repeated = x.repeat(num_classes, 1, 1, 1).contiguous(memory_format=memory_layout(x))  # x's layout
     log_probs = discretized_mix_logistic_log_probs(repeated, model(repeated, labels))  # [K*B, H, W]
     return log_probs.view(num_classes, B, *log_probs.shape[1:]).transpose(0, 1)
 
@@ -250,6 +252,7 @@ def training_loss(net, x, y, num_classes, cls_loss_weight, cls_batch_size=0):
         return bpd, bpd
     S = min(cls_batch_size or len(x), len(x))
     scored = torch.cat([x[:S].repeat(num_classes, 1, 1, 1), x[S:]])  # [K*S + B-S, C, H, W]
+    scored = scored.contiguous(memory_format=memory_layout(x))  # cat and repeat drop channels-last
     labels = torch.cat([torch.arange(num_classes, device=x.device).repeat_interleave(S), y[S:]])
     nll_all = discretized_mix_logistic_nll(scored, net(scored, labels))
     ll = -nll_all[:num_classes * S].view(num_classes, S).T  # [S, K], label-major as class_log_likelihoods

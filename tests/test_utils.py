@@ -303,6 +303,20 @@ def test_hybrid_loss_on_a_sub_batch_matches_scoring_every_label():
         assert torch.allclose(training_loss(net, x, y, 3, 0.0)[0], bpd, rtol=1e-5)
 
 
+def test_scoring_and_the_hybrid_loss_keep_a_channels_last_batch_channels_last():
+    """Repeating a batch for every label would silently give [B, C, H, W] memory, and with it the
+    slower convolutions of that layout for the whole forward pass."""
+    layouts = []
+
+    def net(x, labels):  # records the layout it is given
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return torch.zeros(len(x), 10, *x.shape[2:])
+    x = (torch.rand(4, 3, 8, 8) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    class_pixel_log_likelihoods(net, x, 3)
+    training_loss(net, x, torch.tensor([0, 2, 1, 1]), 3, 0.5, 2)
+    assert layouts == [True, True]
+
+
 def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
     """Labels drawn from softmax(z / 12): the fitted T is 12 within sampling error, and the
     calibrated posteriors have a far smaller ECE, NLL and Brier score than the raw ones."""
