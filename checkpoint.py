@@ -114,6 +114,7 @@ class Progress:
     best: float = None            # the best value of config["best_metric"] so far
     metrics: dict = None          # the last evaluation's
     temperature: float = None     # of the posterior, fitted on the validation split at the last evaluation
+    fitted_prior: dict = None     # {"temperature", "log_prior"}: fit_prior there (classify.py --prior fitted)
 
 
 def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_per_rank, world_size):
@@ -138,7 +139,7 @@ def restore_training_state(state, model, ema, optimizer, scheduler, source):
     """Load a training_state() dict into the objects; -> its Progress. CheckpointError names
     `source` when the dict is not a train.py checkpoint or does not fit the objects."""
     keys = [f.name for f in fields(Progress)]
-    required = [key for key in keys if key != "temperature"]  # older checkpoints have none
+    required = [key for key in keys if key not in ("temperature", "fitted_prior")]  # older checkpoints have none
     missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *required) if key not in state]
     if missing:
         raise CheckpointError(f"{source}: cannot resume from it: not a train.py checkpoint "

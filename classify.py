@@ -1,7 +1,7 @@
 """Zero-shot classification with a conditional PixelCNN++: Bayes' rule over the class likelihoods.
 
     python classify.py --checkpoint C [C2 ...] --data-dir D [--split test] [--csv PATH] --out predictions.csv
-                       [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train] [--hflip]
+                       [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train|fitted] [--hflip]
                        [--temperature T] [--logits out.npy] [--metrics-out metrics.json]
                        [--explain DIR] [--explain-out maps.npz] [--explain-limit N]
     torchrun --nproc_per_node=N classify.py ...   (each process scores a shard; rank 0 writes)
@@ -18,6 +18,9 @@ and every per-pixel term, is the mean over the models.
 The posterior columns are softmax_c(log p(x|c) / T + log p(c)), with the temperature T that
 train.py fitted on its validation split and stored in the checkpoint (--temperature overrides it;
 --temperature 1 gives the model's own, near-certain posterior). The log-likelihoods stay raw.
+--prior fitted takes log p(c) and T that train.py fitted together on the same split (utils.fit_prior):
+a model that is still learning can favour one label on every image, and a fitted prior takes that off,
+so it moves predictions (BENCHMARKS.md: a gain for 45-minute runs, none for the shipped model).
 
 The CSV (written atomically) has the header
     id,label,loglik_Class0,...,loglik_Class{K-1},posterior_Class0,...,posterior_Class{K-1}
@@ -335,8 +338,9 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass (each is scored under all K labels: K x this)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--prior", choices=("uniform", "train"), default="uniform",
-                   help="p(c): uniform, or the label frequencies of <data-dir>/train.csv")
+    p.add_argument("--prior", choices=("uniform", "train", "fitted"), default="uniform",
+                   help="p(c): uniform, the label frequencies of <data-dir>/train.csv, or the prior "
+                        "fitted with its own temperature on the validation split (stored by train.py)")
     p.add_argument("--hflip", action="store_true",
                    help="also score each image mirrored left-right and classify by the mean of the "
                         "two log-likelihoods (twice the time)")
@@ -377,10 +381,10 @@ def check_options(args):
 
 
 def load_experts(checkpoints, device, temperature, say):
-    """-> (the EMA models of the checkpoints, the posterior's temperature): --temperature if given,
-    else the mean of the checkpoints' stored ones (1, with a note, where one has none). The models
-    must agree on their labels and image size."""
-    models, stored = [], []
+    """-> (the EMA models of the checkpoints, the posterior's temperature, their fitted priors or
+    None): --temperature if given, else the mean of the checkpoints' stored ones (1, with a note,
+    where one has none). The models must agree on their labels and image size."""
+    models, stored, fitted = [], [], []
     for path in checkpoints:
         model, state = load_model(path, device)
         if model.config["num_classes"] < 1:
@@ -392,16 +396,29 @@ def load_experts(checkpoints, device, temperature, say):
                                  f"{first[key]}: a product of experts needs the same labels and images")
         models.append(model)
         stored.append(state.get("temperature"))
+        fitted.append(state.get("fitted_prior"))
     if temperature is not None:
-        return models, temperature
+        return models, temperature, fitted
     if None in stored:
         say(f"{PROG}: {checkpoints[stored.index(None)]} has no fitted temperature (it predates "
             f"calibration): posteriors at T = 1, near-certain; pass --temperature T to set one")
-        return models, 1.0
+        return models, 1.0, fitted
     if len(models) > 1:
         say(f"{PROG}: {len(models)} experts; posteriors at the mean of their temperatures, "
             f"{sum(stored) / len(stored):.4g} (fit one on held-out images: bench/calibration.py)")
-    return models, sum(stored) / len(stored)
+    return models, sum(stored) / len(stored), fitted
+
+
+def stored_prior(checkpoints, fitted, temperature):
+    """-> (log p(c) [K], T) for --prior fitted: the prior and the temperature that were fitted
+    together on the validation split (the mean over experts); --temperature overrides T."""
+    if None in fitted:
+        raise UsageError(f"--prior fitted: {checkpoints[fitted.index(None)]} has no fitted prior (it "
+                         f"predates them); fit one with bench/calibration.py --save, or use another --prior")
+    log_prior = torch.tensor([f["log_prior"] for f in fitted], dtype=torch.float64).mean(0).log_softmax(0)
+    if temperature is None:
+        temperature = sum(f["temperature"] for f in fitted) / len(fitted)
+    return log_prior.numpy(), temperature
 
 
 def shard(n, rank, world_size):
@@ -478,7 +495,7 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
 
 def run(args, rank, world_size, device):
     say = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints
-    models, temperature = load_experts(args.checkpoint, device, args.temperature, say)
+    models, temperature, fitted = load_experts(args.checkpoint, device, args.temperature, say)
     model = models[0]
     num_classes = model.config["num_classes"]
     explaining = args.explain is not None or args.explain_out is not None
@@ -494,6 +511,10 @@ def run(args, rank, world_size, device):
         train_items = read_split_csv(args.data_dir, train_csv, num_classes=num_classes)
         log_prior = log_prior_from_labels([label for _, label in train_items], num_classes)
         say(f"prior from {train_csv}: " + ", ".join(
+            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+    elif args.prior == "fitted":
+        log_prior, temperature = stored_prior(args.checkpoint, fitted, args.temperature)
+        say(f"prior fitted on the validation split, at T = {temperature:.4g}: " + ", ".join(
             f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
 
     ids, labels = [i for i, _ in items], np.array([l for _, l in items], dtype=np.int64)

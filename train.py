@@ -36,7 +36,7 @@ from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, discretized_mix_logistic_nll,
-                   fit_temperature, log_posterior, training_loss)
+                   fit_prior, fit_temperature, log_posterior, training_loss)
 
 PROG = "train.py"
 EXIT_NONFINITE = 3
@@ -99,8 +99,8 @@ def ema_multi_avg_fn(decay):
 def evaluate(model, data, config, device, show_progress):
     """-> {"val_bpd": mean bits/dim under the true label; with labels, "val_acc": the accuracy of
     argmax_c log p(x|c), "temperature": fit_temperature on these images, "val_ece": the ECE with
-    it}. In float32 even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips
-    predictions."""
+    it, "fitted_prior": fit_prior on these images as {"temperature", "log_prior"}}. In float32
+    even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips predictions."""
     model.eval()
     K, bs = config["num_classes"], config["eval_batch_size"]
     nll, log_likelihoods = [], []
@@ -117,9 +117,11 @@ def evaluate(model, data, config, device, show_progress):
         return {"val_bpd": bits_per_dim(torch.cat(nll).mean(), data.images.shape[1:]).item()}
     ll, y = torch.cat(log_likelihoods), data.labels
     temperature = fit_temperature(ll, y)
+    prior_temperature, log_prior = fit_prior(ll, y)
     return {"val_bpd": bits_per_dim(-ll.gather(1, y[:, None]).mean(), data.images.shape[1:]).item(),
             "val_acc": (ll.argmax(dim=1) == y).double().mean().item(), "temperature": temperature,
-            "val_ece": calibration_metrics(log_posterior(ll, temperature=temperature).exp(), y)["ece"]}
+            "val_ece": calibration_metrics(log_posterior(ll, temperature=temperature).exp(), y)["ece"],
+            "fitted_prior": {"temperature": prior_temperature, "log_prior": log_prior.tolist()}}
 
 
 def start_wandb(config, run_id, log):
@@ -368,6 +370,7 @@ class Trainer:
             val = {"val_bpd": None, "val_acc": None}
             if self.val_data is not None:
                 val.update(evaluate(self.ema.module, self.val_data, c, self.device, show_progress=True))
+            p.fitted_prior = val.pop("fitted_prior", None)  # saved with last.pt and best.pt, not a metric
             p.metrics = {"epoch": p.epoch, "step": p.step, "train_bpd": train_bpd, **val,
                          "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.elapsed(), 2)}
             p.temperature = val.get("temperature")  # saved with last.pt and best.pt

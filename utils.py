@@ -214,6 +214,34 @@ def fit_temperature(log_likelihoods, labels, log_prior=None, bounds=(1e-2, 1e4))
     return 1.0 / ((low + high) / 2)
 
 
+def fit_prior(log_likelihoods, labels, bounds=(1e-2, 1e4)):
+    """-> (T, log p(c) [K]) that together minimise the mean NLL of the true labels under
+    log_posterior(log_likelihoods, log p(c), T): temperature scaling with a fitted prior.
+
+    On balanced classes the true prior is uniform, but a model that is still learning can be
+    biased: one label's log p(x|c) may run nats high on every image. A fitted prior takes that
+    off. Unlike T alone, it moves predictions. The NLL is convex in (1/T, log p(c)): a softmax
+    of functions linear in them. So L-BFGS from T alone's fit finds the minimum. T is then
+    clamped to `bounds`.
+    """
+    ll = torch.as_tensor(log_likelihoods, dtype=torch.float64)  # [N, K]
+    y = torch.as_tensor(labels, dtype=torch.long)
+    beta = torch.tensor(1.0 / fit_temperature(ll, y, bounds=bounds), dtype=torch.float64, requires_grad=True)
+    offsets = torch.zeros(ll.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([beta, offsets], max_iter=500, tolerance_grad=1e-12,
+                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def nll():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(ll * beta + offsets, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    temperature = min(max(1.0 / beta.item(), bounds[0]), bounds[1]) if beta.item() > 0 else bounds[1]
+    return temperature, torch.log_softmax(offsets.detach(), dim=0)
+
+
 def reliability(posteriors, labels, bins=15):
     """How far the top posterior is from the accuracy: over `bins` equal-width bins of the top
     probability, -> (count [bins], mean confidence [bins], accuracy [bins]; NaN where empty)."""

@@ -4,11 +4,13 @@
     python bench/calibration.py --logits ll.npy --csv held_out.csv [--checkpoint C --save C_T.pt]
 
 From the log-likelihoods that classify.py saved (--logits) and the labels of the same images, it
-prints ECE (15 bins), the NLL of the true label and the Brier score at T = 1; at the T fitted on
-all the images (in-sample: optimistic); and, by 2-fold cross-fitting, at a T fitted on one
-stratified half and scored on the other (each half once). With --save it writes a copy of the
-checkpoint holding the T fitted on all the images, as train.py stores it after each evaluation:
-the upgrade for checkpoints trained before calibration.
+prints accuracy, ECE (15 bins), the NLL of the true label and the Brier score at T = 1; at the T
+fitted on all the images (in-sample: optimistic); and, by 2-fold cross-fitting, at a T fitted on
+one stratified half and scored on the other (each half once). Then the same for a prior fitted
+together with its own T (utils.fit_prior, classify.py --prior fitted), which moves predictions:
+its cross-fitted lines against T alone's say whether it helps this model. With --save it writes a
+copy of the checkpoint holding both fits on all the images, as train.py stores them after each
+evaluation: the upgrade for checkpoints trained before them.
 """
 import os
 import sys
@@ -20,15 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 from checkpoint import first_line, load_checkpoint, save_checkpoint  # noqa: E402
 from config import ArgumentParser, UsageError, report  # noqa: E402
-from utils import calibration_metrics, fit_temperature, log_posterior  # noqa: E402
+from utils import calibration_metrics, fit_prior, fit_temperature, log_posterior  # noqa: E402
 
 PROG = "calibration.py"
 
 
-def line(name, log_likelihoods, labels, temperature):
-    metrics = calibration_metrics(log_posterior(log_likelihoods, temperature=temperature).exp(), labels)
-    return (f"{name:<44} T {temperature:7.3f}  ECE {metrics['ece']:.4f}  NLL {metrics['nll']:.4f}  "
-            f"Brier {metrics['brier']:.4f}  ({len(labels)} images)")
+def line(name, log_likelihoods, labels, temperature, log_prior=None):
+    posteriors = log_posterior(log_likelihoods, log_prior, temperature).exp()
+    metrics = calibration_metrics(posteriors, labels)
+    right = int((posteriors.argmax(1) == labels).sum())
+    return (f"{name:<52} T {temperature:7.3f}  right {right:4d}/{len(labels)}  ECE {metrics['ece']:.4f}  "
+            f"NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}")
 
 
 def build_parser():
@@ -57,16 +61,29 @@ def run(args):
     print(line("the model's own posterior", log_likelihoods, labels, 1.0))
     fitted = fit_temperature(log_likelihoods, labels)
     print(line("T fitted on these images (in-sample)", log_likelihoods, labels, fitted))
+    halves = cross_fitting_halves(items)
+    for fit, score, name in halves:
+        print(line(f"T {name}", log_likelihoods[score], labels[score], fit_temperature(log_likelihoods[fit], labels[fit])))
+    prior_temperature, log_prior = fit_prior(log_likelihoods, labels)
+    print(line("T and prior fitted on these images (in-sample)", log_likelihoods, labels, prior_temperature, log_prior))
+    for fit, score, name in halves:
+        print(line(f"T and prior {name}", log_likelihoods[score], labels[score],
+                   *fit_prior(log_likelihoods[fit], labels[fit])))
+    print("the fitted prior: " + ", ".join(f"{p:.4f}" for p in log_prior.exp().tolist()))
+    if args.save:
+        save_checkpoint(args.save, {**state, "temperature": fitted, "fitted_prior": {
+            "temperature": prior_temperature, "log_prior": log_prior.tolist()}})
+        print(f"wrote {args.save} with temperature {fitted:.4f}, and the prior with its own, {prior_temperature:.4f}")
+    return 0
+
+
+def cross_fitting_halves(items):
+    """-> [(fit indices, score indices, name)] for the two stratified halves of `items` (seed 0)."""
     index = {item_id: i for i, (item_id, _) in enumerate(items)}
     first, second = (torch.tensor([index[i] for i, _ in half])
                      for half in dataset.split_train_val(items, 0.5, seed=0))
-    for fit, score, name in ((first, second, "fitted on half A, scored on half B"),
-                             (second, first, "fitted on half B, scored on half A")):
-        print(line(name, log_likelihoods[score], labels[score], fit_temperature(log_likelihoods[fit], labels[fit])))
-    if args.save:
-        save_checkpoint(args.save, {**state, "temperature": fitted})
-        print(f"wrote {args.save} with temperature {fitted:.4f}")
-    return 0
+    return [(first, second, "fitted on half A, scored on half B"),
+            (second, first, "fitted on half B, scored on half A")]
 
 
 def read_inputs(logits_path, csv_path):

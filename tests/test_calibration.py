@@ -1,6 +1,6 @@
 """bench/calibration.py: on overconfident log-likelihoods the fitted temperature lowers ECE and
-NLL, --save stores exactly that temperature in a copy of the checkpoint, and bad inputs exit 2
-with one line and write nothing."""
+NLL; on biased ones a fitted prior also wins images back, cross-fitted; --save stores exactly
+those fits in a copy of the checkpoint; bad inputs exit 2 with one line and write nothing."""
 import os
 import re
 import sys
@@ -13,7 +13,7 @@ sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must
 
 import calibration  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils import fit_temperature  # noqa: E402
+from utils import fit_prior, fit_temperature  # noqa: E402
 
 
 def overconfident(n=200, k=4, seed=0):
@@ -36,12 +36,12 @@ def write_inputs(folder, log_likelihoods, labels):
 
 
 def printed(out):
-    """calibration.py's lines -> {name: {"T": .., "ECE": .., "NLL": .., "Brier": ..}}."""
+    """calibration.py's lines -> {name: {"T": .., "right": .., "ECE": .., "NLL": .., "Brier": ..}}."""
     rows = {}
     for line in out.splitlines():
-        match = re.match(r"(.+?)\s+T\s+(\S+)\s+ECE (\S+)\s+NLL (\S+)\s+Brier (\S+)", line)
+        match = re.match(r"(.+?)\s+T\s+(\S+)\s+right\s+(\d+)/\d+\s+ECE (\S+)\s+NLL (\S+)\s+Brier (\S+)", line)
         if match:
-            rows[match[1]] = dict(zip(("T", "ECE", "NLL", "Brier"), map(float, match.groups()[1:])))
+            rows[match[1]] = dict(zip(("T", "right", "ECE", "NLL", "Brier"), map(float, match.groups()[1:])))
     return rows
 
 
@@ -57,7 +57,7 @@ def test_the_fitted_temperature_calibrates_and_is_stored_by_save(tmp_path, capsy
     raw, fitted = rows["the model's own posterior"], rows["T fitted on these images (in-sample)"]
     assert raw["T"] == 1 and fitted["T"] > 5
     assert fitted["ECE"] < raw["ECE"] / 2 and fitted["NLL"] < raw["NLL"] / 2
-    halves = [rows[f"fitted on half {a}, scored on half {b}"] for a, b in ("AB", "BA")]
+    halves = [rows[f"T fitted on half {a}, scored on half {b}"] for a, b in ("AB", "BA")]
     assert all(half["ECE"] < raw["ECE"] for half in halves)
 
     state = load_checkpoint(saved)
@@ -65,6 +65,21 @@ def test_the_fitted_temperature_calibrates_and_is_stored_by_save(tmp_path, capsy
     assert abs(state["temperature"] - fitted["T"]) < 1e-3
     assert torch.equal(state["model"]["w"], torch.arange(3.0)) and state["step"] == 7
     assert "temperature" not in load_checkpoint(checkpoint)
+    prior_temperature, log_prior = fit_prior(torch.from_numpy(ll), torch.from_numpy(labels))
+    assert state["fitted_prior"] == {"temperature": prior_temperature, "log_prior": log_prior.tolist()}
+
+
+def test_a_fitted_prior_wins_back_what_a_biased_model_loses(tmp_path, capsys):
+    """Class 3 runs 40 nats high on every image: T alone keeps its wrong argmax, the prior fitted
+    on one half takes the bias off on the other half."""
+    ll, labels = overconfident(n=400)
+    ll[:, 3] += 40
+    logits, csv = write_inputs(tmp_path, ll, labels)
+    assert calibration.main(["--logits", logits, "--csv", csv]) == 0
+    rows = printed(capsys.readouterr().out)
+    for a, b in ("AB", "BA"):
+        alone, with_prior = (rows[f"{fit} fitted on half {a}, scored on half {b}"] for fit in ("T", "T and prior"))
+        assert with_prior["right"] > alone["right"] + 10 and with_prior["NLL"] < alone["NLL"]
 
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):

@@ -472,6 +472,38 @@ def test_a_checkpoint_without_a_temperature_still_works_and_says_so(trained, cpe
     assert not (tmp_path / "q.csv").exists()
 
 
+def test_fitted_prior_moves_predictions_by_the_stored_prior_and_temperature(trained, cpen_root, tmp_path, capsys):
+    """--prior fitted: predictions and posteriors follow softmax(log p(x|c) / T' + log p(c)) with the
+    checkpoint's fitted prior and its own T' (here one that rules class 0 out), and
+    --temperature overrides T'; a checkpoint without a fitted prior is refused in one line."""
+    state = torch.load(trained[0], weights_only=True)
+    log_prior = np.array([-1e4, np.log(0.5), np.log(0.5)])  # class 0 all but ruled out
+    ckpt = str(tmp_path / "fitted.pt")
+    save_checkpoint(ckpt, {**state, "temperature": 5.0,
+                           "fitted_prior": {"temperature": 2.0, "log_prior": log_prior.tolist()}})
+    runs = {}
+    for name, extra in [("uniform", []), ("fitted", ["--prior", "fitted"]),
+                        ("fitted T=1", ["--prior", "fitted", "--temperature", "1"])]:
+        out, logits = tmp_path / f"{name}.csv", tmp_path / f"{name}.npy"
+        rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val",
+                                   "--out", out, "--logits", logits, *extra)
+        assert rc == 0, err
+        _, rows = read_csv(out)
+        runs[name] = np.load(logits), np.array([int(r[1]) for r in rows]), np.array(
+            [[float(v) for v in r[2 + K:]] for r in rows])
+    logits = runs["uniform"][0]
+    assert (runs["uniform"][1] == 0).any() and not (runs["fitted"][1] == 0).any()
+    for name, temperature in [("uniform", 5.0), ("fitted", 2.0), ("fitted T=1", 1.0)]:
+        prior = 0 if name == "uniform" else log_prior
+        np.testing.assert_allclose(runs[name][0], logits)  # the log-likelihoods stay raw
+        np.testing.assert_array_equal(runs[name][1], (logits / temperature + prior).argmax(1))
+        np.testing.assert_allclose(runs[name][2], softmax(logits / temperature + prior), rtol=1e-4, atol=1e-6)
+    rc, _, err = run_main(capsys, "--checkpoint", trained[0], "--data-dir", cpen_root, "--split", "val",
+                          "--out", tmp_path / "old.csv", "--prior", "fitted")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "has no fitted prior" in err
+    assert not (tmp_path / "old.csv").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Evidence maps (--explain): per-pixel terms from the scoring pass, adding up to the CSV.
 

@@ -131,7 +131,11 @@ def test_checkpoint_contents_and_refusal_to_overwrite(tiny_data, tmp_path, capsy
     assert set(metrics[0]) == {"epoch", "step", "train_bpd", "val_bpd", "val_acc", "temperature", "val_ece",
                                "lr", "seconds"}
     for name in ("last.pt", "best.pt"):  # the posterior's temperature, fitted on the validation split
-        assert torch.load(out / name, weights_only=True)["temperature"] == metrics[0]["temperature"] > 0
+        state = torch.load(out / name, weights_only=True)
+        assert state["temperature"] == metrics[0]["temperature"] > 0
+        fitted = state["fitted_prior"]  # and a prior fitted with its own temperature (--prior fitted)
+        assert fitted["temperature"] > 0 and len(fitted["log_prior"]) == 4
+        assert torch.tensor(fitted["log_prior"]).logsumexp(0).abs() < 1e-6
     assert os.path.isfile(out / "samples_epoch0001.png") and os.path.isfile(out / "config.yaml")
     capsys.readouterr()
     assert train.main(args(tiny_data, out, "--epochs", "1")) == 2  # would clobber last.pt

@@ -7,7 +7,7 @@ from scipy.stats import chisquare
 from conftest import randomize_label_parameters
 from model import build_model
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
-                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, fit_temperature,
+                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, fit_prior, fit_temperature,
                    log_posterior, reliability, sample_from_discretized_mix_logistic, sample_guided_pixel,
                    snap_to_levels, training_loss)
 
@@ -330,6 +330,39 @@ def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
     assert fitted["ece"] < 0.02 < 0.2 < raw["ece"]
     assert fitted["nll"] < raw["nll"] / 3 and fitted["brier"] < raw["brier"]
     assert torch.equal(log_posterior(log_likelihoods, temperature=T).argmax(1), log_likelihoods.argmax(1))
+
+
+def test_fit_prior_recovers_the_temperature_and_prior_that_made_the_labels():
+    """Labels drawn from softmax(z / 12 + log p) with p = (0.1, 0.2, 0.3, 0.4): the fit finds both
+    within sampling error, where T alone is pulled off 12."""
+    g = torch.Generator().manual_seed(0)
+    log_likelihoods = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 30
+    log_prior = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64).log()
+    labels = torch.multinomial(torch.softmax(log_likelihoods / 12 + log_prior, 1), 1, generator=g).squeeze(1)
+    T, fitted = fit_prior(log_likelihoods, labels)
+    assert abs(T - 12) < 0.5 < abs(fit_temperature(log_likelihoods, labels) - 12)
+    assert torch.allclose(fitted, log_prior, atol=0.1)
+    assert torch.logsumexp(fitted, 0).abs() < 1e-12  # a distribution over the labels
+
+
+def test_fit_prior_is_the_minimum_of_the_nll():
+    """On a small biased sample: no nearby (T, prior) and not T alone gives a lower NLL, and a
+    constant added to every image's log-likelihoods changes nothing."""
+    g = torch.Generator().manual_seed(1)
+    log_likelihoods = torch.randn(200, 3, generator=g, dtype=torch.float64) * 20
+    log_likelihoods[:, 2] += 15  # label 2 runs 15 nats high on every image
+    labels = torch.randint(0, 3, (200,), generator=g)
+    nll = lambda T, prior: -log_posterior(log_likelihoods, prior, T).gather(1, labels[:, None]).mean().item()
+    T, prior = fit_prior(log_likelihoods, labels)
+    best = nll(T, prior)
+    assert best < nll(fit_temperature(log_likelihoods, labels), None)
+    for dT in (-0.01, 0.01):
+        assert best <= nll(T * (1 + dT), prior)
+    for c in range(3):
+        for step in (-0.01, 0.01):
+            assert best <= nll(T, prior + step * torch.eye(3, dtype=torch.float64)[c])
+    shifted_T, shifted_prior = fit_prior(log_likelihoods + torch.randn(200, 1, generator=g, dtype=torch.float64) * 100, labels)
+    assert shifted_T == pytest.approx(T, rel=1e-5) and torch.allclose(shifted_prior, prior, atol=1e-5)
 
 
 def test_calibration_metrics_by_hand():
