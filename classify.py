@@ -413,8 +413,8 @@ def stored_prior(checkpoints, fitted, temperature):
     """-> (log p(c) [K], T) for --prior fitted: the prior and the temperature that were fitted
     together on the validation split (the mean over experts); --temperature overrides T."""
     if None in fitted:
-        raise UsageError(f"--prior fitted: {checkpoints[fitted.index(None)]} has no fitted prior (it "
-                         f"predates them); fit one with bench/calibration.py --save, or use another --prior")
+        raise UsageError(f"--prior fitted: {checkpoints[fitted.index(None)]} has no fitted prior; fit one "
+                         f"on held-out images with bench/calibration.py --save, or use another --prior")
     log_prior = torch.tensor([f["log_prior"] for f in fitted], dtype=torch.float64).mean(0).log_softmax(0)
     if temperature is None:
         temperature = sum(f["temperature"] for f in fitted) / len(fitted)
