@@ -60,7 +60,7 @@ from tqdm import tqdm
 import utils
 from checkpoint import atomic_write, load_model
 from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
-                    join_processes, leave_processes, report, reuse_freed_memory)
+                    join_processes, leave_processes, report, speed_up_cpu)
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, split_csv_path, to_model_input)
 
@@ -583,5 +583,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    reuse_freed_memory()  # faster on CPUs: see config
+    speed_up_cpu()  # faster on CPUs: see config
     sys.exit(main())

@@ -30,7 +30,7 @@ from checkpoint import (Progress, atomic_write, load_checkpoint, remove_cut_shor
                         restore_training_state, rng_state, save_checkpoint, seed_everything,
                         training_state)
 from config import (DEFAULTS, UsageError, join_processes, leave_processes, merge_on_resume, native_bf16,
-                    parse_duration, parse_training_args, report, resume_path, reuse_freed_memory,
+                    parse_duration, parse_training_args, report, resume_path, speed_up_cpu,
                     training_parser, validate_config)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
@@ -490,5 +490,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    reuse_freed_memory()  # faster on CPUs: see config
+    speed_up_cpu()  # faster on CPUs: see config
     sys.exit(main())

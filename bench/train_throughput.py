@@ -4,6 +4,7 @@ matrix-multiply rate, optionally against the code of an earlier commit, all in o
     python bench/train_throughput.py [--configs configs/cpen455.yaml 'configs/seed.yaml:nr_filters=40,nr_resnet=1']
                                      [--variants fp32 channels_last bf16 bf16+channels_last]
                                      [--ref 8bd68d5] [--rounds 3] [--steps 5] [--batch-size N] [--device cpu]
+                                     [--data-dir ../shared/data/cpen455]
 
 A config is a YAML file, optionally followed by ':key=value,...' overrides. A variant is a '+'-joined
 set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays float32), compile
@@ -11,7 +12,9 @@ set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays f
 worktree), fp32 and channels_last, so that a speed-up is a ratio measured in the same run.
 
 Each (variant, round) runs in a fresh process: build the model, two warm-up steps, then `--steps`
-full training steps (forward, the config's loss, backward, Adam) on random images. Rounds go
+full training steps (forward, the config's loss, backward, Adam) on one batch: random images, or
+with --data-dir the first images of its train.csv, whose gradients (unlike random images') reach
+float32's denormal range (see config.flush_denormals). Rounds go
 variant by variant in turn (A B C A B C ...), so drift in the machine's speed spreads over all of
 them; the table gives each variant's median round. GFLOP/s counts the multiply-adds of
 convolutions and matrix products (torch.utils.flop_counter, 2 FLOPs each) of the step as the
@@ -26,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -60,15 +64,18 @@ def matmul_rate(dtype, n=2048, repeats=10):
     return best
 
 
-def step_function(model, config, variant, batch_size, device):
-    """A closure running one training step of `model` on a fixed random batch."""
+def step_function(model, config, variant, batch_size, device, batch=None):
+    """A closure running one training step of `model` on a fixed batch: `batch` (uint8 images
+    [B, 3, S, S], labels [B]), else random images and labels."""
     try:
         from utils import training_loss  # from the code under test (see --code)
     except ImportError:  # code from before the loss moved to utils.py
         from train import training_loss
     size, K = config["image_size"], config["num_classes"]
-    x = torch.randint(0, 256, (batch_size, 3, size, size), device=device) / 127.5 - 1
-    y = torch.randint(0, max(K, 1), (batch_size,), device=device)
+    if batch is None:
+        batch = (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8),
+                 torch.randint(0, max(K, 1), (batch_size,)))
+    x, y = batch[0].to(device) / 127.5 - 1, batch[1].to(device)
     if "channels_last" in variant:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -107,17 +114,19 @@ def reference_flops(model, step):
     return counter.get_total_flops()
 
 
-def measure(config, variant, steps, batch_size, device):
+def measure(config, variant, steps, batch_size, device, batch=None):
     import utils  # from the code under test (see --code)
     from model import MODEL_DEFAULTS, build_model
     try:
         import config as where
     except ImportError:  # code from before config.py
         where = utils
-    getattr(where, "reuse_freed_memory", lambda: None)()  # as train.py does, where the code has it
+    # The CPU settings that train.py applies, as far as the code under test has them.
+    speed_up = getattr(where, "speed_up_cpu", None) or getattr(where, "reuse_freed_memory", lambda: None)
+    speed_up()
     torch.manual_seed(0)
     model = build_model({k: v for k, v in config.items() if k in MODEL_DEFAULTS}).to(device)
-    step = step_function(model, config, variant, batch_size, device)
+    step = step_function(model, config, variant, batch_size, device, batch)
     start = time.perf_counter()
     for _ in range(2):
         step()
@@ -129,16 +138,32 @@ def measure(config, variant, steps, batch_size, device):
         step()
     sync()
     seconds = time.perf_counter() - start
-    flops = reference_flops(model, step_function(model, config, "fp32", batch_size, device))
+    flops = reference_flops(model, step_function(model, config, "fp32", batch_size, device, batch))
     return {"images_per_s": steps * batch_size / seconds, "gflop_per_image": flops / batch_size / 1e9,
             "warmup_s": warmup}
 
 
-def run_one(code, spec, variant, args):
+def real_batch(data_dir, config, batch_size, path):
+    """Save the first `batch_size` images of <data_dir>/train.csv and their labels to `path`,
+    loaded by this checkout's dataset.py, for every timed process to read."""
+    sys.path.insert(0, ROOT)
+    import dataset
+    try:
+        items, images = dataset.load_labelled_split(data_dir, "train", config["image_size"], config["num_classes"])
+    except dataset.DataError as err:
+        sys.exit(f"train_throughput.py: {err}")
+    if len(items) < batch_size:
+        sys.exit(f"train_throughput.py: {data_dir} has {len(items)} training images, fewer than a batch of {batch_size}")
+    torch.save((images[:batch_size], torch.tensor([label for _, label in items[:batch_size]])), path)
+
+
+def run_one(code, spec, variant, args, batch_file=None):
     command = [sys.executable, os.path.abspath(__file__), "--one", variant, "--code", code,
                "--configs", spec, "--steps", str(args.steps), "--device", args.device]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
+    if batch_file:
+        command += ["--batch-file", batch_file]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:100]}
@@ -154,7 +179,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's batch_size")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None, help="time on real training images from here (its train.csv)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: time one variant, print JSON
+    parser.add_argument("--batch-file", help=argparse.SUPPRESS)  # internal: the batch of --data-dir
     parser.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for variant in args.variants + ([args.one] if args.one else []):
@@ -165,15 +192,25 @@ def main():
     if args.one:
         sys.path.insert(0, args.code)
         config = read_config(args.configs[0])
+        batch = torch.load(args.batch_file, weights_only=True) if args.batch_file else None
         result = measure(config, args.one, args.steps, args.batch_size or config["batch_size"],
-                         torch.device(args.device))
+                         torch.device(args.device), batch)
         print(json.dumps(result))
         return
 
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
-          f"2048x2048 torch.mm: {rates['fp32']:.0f} GFLOP/s in float32, {rates['bf16']:.0f} in bfloat16")
     with contextlib.ExitStack() as stack:
+        batch_files = {}  # config spec -> its batch of --data-dir, read first: a bad path fails at once
+        if args.data_dir:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory())
+            for i, spec in enumerate(args.configs):
+                config = read_config(spec)
+                batch_files[spec] = os.path.join(scratch, f"batch{i}.pt")
+                real_batch(args.data_dir, config, args.batch_size or config["batch_size"], batch_files[spec])
+        rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+        print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
+              f"2048x2048 torch.mm: {rates['fp32']:.0f} GFLOP/s in float32, {rates['bf16']:.0f} in bfloat16")
+        if args.data_dir:
+            print(f"images: the first of {os.path.join(args.data_dir, 'train.csv')}")
         rows = [(ROOT, variant, variant) for variant in args.variants]
         if args.ref:
             ref_code = stack.enter_context(worktree(args.ref))
@@ -189,7 +226,7 @@ def main():
             results = {label: [] for _, _, label in rows}
             for _ in range(args.rounds):
                 for code, variant, label in rows:
-                    results[label].append(run_one(code, spec, variant, args))
+                    results[label].append(run_one(code, spec, variant, args, batch_files.get(spec)))
             first = gflop_per_image = None
             for _, _, label in rows:
                 good = [r for r in results[label] if "error" not in r]

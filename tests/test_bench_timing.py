@@ -66,3 +66,25 @@ def test_classify_speed_finds_no_difference_between_the_checkout_and_its_head(tm
                 "--csv", os.path.join(root, "train.csv"), "--rounds", "1")
     assert "(8 images)" in out and "| this |" in out and "| HEAD |" in out
     assert "predictions that differ: 0 of 8" in out
+
+
+def test_train_throughput_times_real_images_from_a_data_dir(tmp_path):
+    root = make_demo_dataset(str(tmp_path / "demo"), n_per_class=1, n_val_per_class=1, n_test_per_class=1,
+                             image_size=8)
+    out = bench("train_throughput.py", "--configs", f"configs/demo.yaml:{TINY}", "--variants", "fp32",
+                "--rounds", "1", "--steps", "1", "--batch-size", "2", "--data-dir", root)
+    assert f"images: the first of {os.path.join(root, 'train.csv')}" in out
+    row = next(line for line in out.splitlines() if line.startswith("| fp32 |"))
+    assert float(row.split("|")[2]) > 0  # img/s
+
+
+def test_train_throughput_says_when_a_data_dir_has_too_few_images_for_a_batch(tmp_path):
+    root = make_demo_dataset(str(tmp_path / "demo"), n_per_class=1, n_val_per_class=1, n_test_per_class=1,
+                             image_size=8)
+    out = subprocess.run([sys.executable, "bench/train_throughput.py", "--configs", f"configs/demo.yaml:{TINY}",
+                          "--variants", "fp32", "--rounds", "1", "--batch-size", "64", "--data-dir", root],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 1 and "fewer than a batch of 64" in out.stderr.strip().splitlines()[-1]
+    out = subprocess.run([sys.executable, "bench/train_throughput.py", "--variants", "fp32",
+                          "--data-dir", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 1 and "data directory not found" in out.stderr.strip().splitlines()[-1]
