@@ -121,7 +121,8 @@ def main():
     device = torch.device(args.device)
     if args.one:
         # as sample.py does, where the code has it
-        (from_code_under_test("reuse_freed_memory", "config", "utils") or (lambda: None))()
+        (from_code_under_test("speed_up_cpu", "config") or from_code_under_test("reuse_freed_memory", "config", "utils")
+         or (lambda: None))()
         model, labels = model_and_labels(args.one[0], int(args.one[1]), device)
         print(json.dumps(time_sampler(model, labels, "fast", None, device)))
         return

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import load_model  # noqa: E402
 from classify import score_images  # noqa: E402
-from config import reuse_freed_memory  # noqa: E402
+from config import speed_up_cpu  # noqa: E402
 from dataset import item_paths, load_images, read_split_csv  # noqa: E402
 
 SHIFTS = {d: [(d, 0), (-d, 0), (0, d), (0, -d)] for d in (1, 2)}
@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--csv", required=True)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    reuse_freed_memory()
+    speed_up_cpu()
     device = torch.device("cpu")
     model, _ = load_model(args.checkpoint, device)
     K, size = model.config["num_classes"], model.config["image_size"]
