@@ -295,8 +295,8 @@ def flush_denormals():
     slower): most likely its posterior over labels, which gives a label that trails by more than
     about 87 nats a probability below 1.2e-38, whose gradient flows back through the network.
     An Intel CPU takes a slow microcode path for every such number: on an Intel Xeon, a training
-    step of configs/cpen455.yaml on real images ran 2x faster with this, and a 45-minute run took
-    3.6-4.1x less time per epoch, with the same metrics to the last digit (BENCHMARKS.md). Only
+    step of configs/cpen455.yaml on real images ran 2x faster with this, and 45-minute runs took
+    3.9-4.1x less time per epoch, with the same metrics to the last digit (BENCHMARKS.md). Only
     values under 1.2e-38 change. Threads started later inherit the setting, so call it before
     any parallel work. -> whether the CPU supports it.
     """
