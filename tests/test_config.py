@@ -86,6 +86,12 @@ def test_a_plain_run_is_process_zero_of_one(monkeypatch):
     leave_processes(succeeded=True)  # nothing to leave
 
 
+def printed_off_and_on(script):
+    """-> {"off": words, "on": words}: what `script` prints, run in a fresh process with that argument."""
+    return {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                 check=True).stdout.split() for mode in ("off", "on")}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_reused_without_page_faults():
     """After reuse_freed_memory (the CLIs call it at start), a freed 64 MB block, which glibc
@@ -104,17 +110,15 @@ def test_freed_memory_is_reused_without_page_faults():
         "    use()\n"
         "print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() >> 20)"
     )
-    faulted = {}
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
-        applied, faulted[mode] = out.stdout.split()[0] == "True", int(out.stdout.split()[1])
-    assert applied and faulted["off"] >= 256 and faulted["on"] < 4, faulted  # MB faulted in
+    words = printed_off_and_on(script)
+    faulted = {mode: int(printed[1]) for mode, printed in words.items()}
+    assert words["on"][0] == "True" and faulted["off"] >= 256 and faulted["on"] < 4, faulted  # MB faulted in
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="FTZ/DAZ of x86 CPUs")
 def test_denormals_count_as_zero_after_speed_up_cpu():
     """After speed_up_cpu (the CLIs call it at start), float32 values below 1.2e-38 are zero in
-    arithmetic (their slow path costs training 3x on an Intel CPU), on the threads of PyTorch's
+    arithmetic (their slow path made training 4x slower on an Intel CPU), on the threads of PyTorch's
     pool too: a product over 2^20 elements is split between them. Before, they are kept."""
     script = (
         "import sys, torch; sys.path.insert(0, '.'); import config\n"
@@ -124,8 +128,5 @@ def test_denormals_count_as_zero_after_speed_up_cpu():
         "product = torch.full((1 << 20,), 1e-39) * 3.0\n"
         "print(int((product == 0).sum()), int((product != 0).sum()))"
     )
-    counts = {}
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
-        counts[mode] = tuple(int(n) for n in out.stdout.split())
+    counts = {mode: tuple(int(n) for n in printed) for mode, printed in printed_off_and_on(script).items()}
     assert counts == {"off": (0, 1 << 20), "on": (1 << 20, 0)}, counts
