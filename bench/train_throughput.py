@@ -13,8 +13,8 @@ worktree), fp32 and channels_last, so that a speed-up is a ratio measured in the
 
 Each (variant, round) runs in a fresh process: build the model, two warm-up steps, then `--steps`
 full training steps (forward, the config's loss, backward, Adam) on one batch: random images, or
-with --data-dir the first images of its train.csv, whose gradients (unlike random images') reach
-float32's denormal range (see config.flush_denormals). Rounds go
+with --data-dir the first images of its train.csv, on which the hybrid objective's gradients (unlike
+random images') reach float32's denormal range (see config.flush_denormals). Rounds go
 variant by variant in turn (A B C A B C ...), so drift in the machine's speed spreads over all of
 them; the table gives each variant's median round. GFLOP/s counts the multiply-adds of
 convolutions and matrix products (torch.utils.flop_counter, 2 FLOPs each) of the step as the
