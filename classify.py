@@ -336,11 +336,11 @@ def build_parser():
                         "ids are relative to --data-dir")
     p.add_argument("--out", required=True, help="the predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
-                   help="images per forward pass (each is scored under all K labels: K x this)")
+                   help="images per forward pass (each is scored under all K labels: K x this; default 32)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--prior", choices=("uniform", "train", "fitted"), default="uniform",
                    help="p(c): uniform, the label frequencies of <data-dir>/train.csv, or the prior "
-                        "fitted with its own temperature on the validation split (stored by train.py)")
+                        "fitted with its own temperature on the validation split (stored by train.py); default uniform")
     p.add_argument("--hflip", action="store_true",
                    help="also score each image mirrored left-right and classify by the mean of the "
                         "two log-likelihoods (twice the time)")

@@ -160,8 +160,12 @@ def training_parser(prog, description):
     for key in KEYS:
         flags = {f"--{key.name.replace('_', '-')}", f"--{key.name}"}
         p.add_argument(*sorted(flags), dest=key.name, nargs="?", const="true", metavar="VALUE",
-                       help=f"{key.help} (default: {yaml.safe_dump(key.default).splitlines()[0]})")
+                       help=f"{key.help}{choices_text(key)} (default: {yaml.safe_dump(key.default).splitlines()[0]})")
     return p
+
+
+def choices_text(key):
+    return f"; one of {', '.join(key.choices)}" if key.choices else ""
 
 
 def read_yaml_config(path):

@@ -99,7 +99,7 @@ def build_parser():
                    help="Inception feature dimensions (default 2048)")
     p.add_argument("--fid-weights", default=None, metavar="PATH",
                    help="local pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception pass")
+    p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception pass (default 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

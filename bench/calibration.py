@@ -40,7 +40,7 @@ def build_parser():
     parser.add_argument("--logits", required=True, help="log p(x|c) [N, K] from classify.py --logits")
     parser.add_argument("--csv", required=True, help="the id,label CSV that classify.py scored (--csv)")
     parser.add_argument("--checkpoint", help="the checkpoint that made the logits")
-    parser.add_argument("--save", help="write a copy of --checkpoint with the fitted temperature here")
+    parser.add_argument("--save", help="write a copy of --checkpoint here, with the fitted temperature and the fitted prior")
     return parser
 
 
