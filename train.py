@@ -158,6 +158,16 @@ class Stop(Exception):
     """Ends the run with exit code args[0]."""
 
 
+def clear_previous_run(out_dir):
+    """Delete what an earlier run left in out_dir (its metrics.jsonl, best.pt and sample grids),
+    so that a fresh run's files describe that run alone; last.pt is replaced at the first save."""
+    stale = ["metrics.jsonl", "best.pt"] + [name for name in os.listdir(out_dir)
+                                            if name.startswith("samples_epoch") and name.endswith(".png")]
+    for name in stale:
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
 class Trainer:
     def __init__(self, config, resume_state):
         self.config = config
@@ -176,6 +186,7 @@ class Trainer:
 
     def setup(self):
         c = self.config
+        fresh = self.resume_state is None
         self.train_data, self.val_data, self.held_out, description = load_data(c, self.is_main)
         seed_everything(c["seed"])
         self.model = build_model({k: c[k] for k in MODEL_DEFAULTS}).to(self.device)
@@ -207,6 +218,8 @@ class Trainer:
                  f"{f' x {self.world_size} processes' if self.distributed else ''}; out_dir: {c['out_dir']}")
         if self.is_main:
             remove_cut_short_writes(c["out_dir"])
+            if fresh:
+                clear_previous_run(c["out_dir"])
             self.write_splits()
             with open(os.path.join(c["out_dir"], "config.yaml"), "w") as f:
                 yaml.safe_dump(c, f, sort_keys=False)

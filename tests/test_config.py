@@ -44,8 +44,9 @@ def test_the_defaults_are_valid_and_every_key_is_a_flag():
     assert validate_config(DEFAULTS) == DEFAULTS
     help_text = training_parser("train.py", "").format_help()
     for name in DEFAULTS:
-        assert f"--{name.replace('_', '-')}" in help_text
-    assert parse(["--data_dir", "x", "--nr-resnet", "2"])["data_dir"] == "x"  # dashes or underscores
+        assert f"--{name.replace('_', '-')} " in help_text  # the space: --lr is not --lr-decay
+    config = parse(["--data_dir", "x", "--nr-resnet", "2"])  # dashes or underscores
+    assert (config["data_dir"], config["nr_resnet"]) == ("x", 2)
 
 
 def test_values_are_checked_against_the_table():

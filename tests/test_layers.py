@@ -61,8 +61,12 @@ def test_deconvs_double_the_size_and_stay_shifted():
     x = torch.randn(1, 4, 3, 3)
     assert DownShiftedDeconv2d(4, 2)(x).shape == (1, 2, 6, 6)
     assert DownRightShiftedDeconv2d(4, 2)(x).shape == (1, 2, 6, 6)
-    grad = influence_of_inputs(DownRightShiftedDeconv2d(2, 2), (1, 2, 3, 3), 2, 2)
-    assert grad[2:].sum() == 0 and grad[:, 2:].sum() == 0
+    # output pixel (2, 3) lies in input pixel (1, 1): it sees input rows up to 1 (and, down-right
+    # shifted, columns up to 1; down-shifted, the column to the right as well)
+    grad = influence_of_inputs(DownRightShiftedDeconv2d(2, 2), (1, 2, 3, 3), 2, 3)
+    assert grad[2:].sum() == 0 and grad[:, 2:].sum() == 0 and grad[1, 1] > 0
+    grad = influence_of_inputs(DownShiftedDeconv2d(2, 2), (1, 2, 3, 3), 2, 3)
+    assert grad[2:].sum() == 0 and (grad[1, 1:] > 0).all()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -9,6 +9,7 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
 
 import test_time_views  # noqa: E402
@@ -34,11 +35,12 @@ def test_view_sets_match_classify(trained, cpen_root, tmp_path):
     run = [sys.executable, "--checkpoint", checkpoint, "--data-dir", str(cpen_root), "--csv",
            str(cpen_root / "val.csv")]
     views = subprocess.run([run[0], os.path.join(ROOT, "bench", "test_time_views.py"), *run[1:]],
-                           capture_output=True, text=True, check=True).stdout
+                           capture_output=True, text=True, check=True, env=ENV, timeout=300).stdout
     for view_set, flags in (("id", []), ("id+flip", ["--hflip"])):
         metrics = str(tmp_path / f"{view_set}.json")
         subprocess.run([run[0], os.path.join(ROOT, "classify.py"), *run[1:], "--out", str(tmp_path / "p.csv"),
-                        "--metrics-out", metrics, "--no-progress", *flags], capture_output=True, check=True)
+                        "--metrics-out", metrics, "--no-progress", *flags], capture_output=True, check=True,
+                       env=ENV, timeout=300)
         with open(metrics) as f:
             right = json.load(f)["accuracy"] * len((cpen_root / "val.csv").read_text().splitlines())
         assert accuracy_of(views, view_set) == round(right)

@@ -140,6 +140,13 @@ def test_checkpoint_contents_and_refusal_to_overwrite(tiny_data, tmp_path, capsy
     capsys.readouterr()
     assert train.main(args(tiny_data, out, "--epochs", "1")) == 2  # would clobber last.pt
     assert "--resume" in capsys.readouterr().err
+    # --overwrite starts afresh: the earlier run's metrics and sample grids go, not appended to
+    old_id = torch.load(out / "last.pt", weights_only=True)["wandb_id"]
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--overwrite")) == 0
+    assert [m["step"] for m in read_metrics(out)] == [3]
+    assert not os.path.exists(out / "samples_epoch0001.png")
+    new_ids = {torch.load(out / name, weights_only=True)["wandb_id"] for name in ("last.pt", "best.pt")}
+    assert len(new_ids) == 1 and old_id not in new_ids
 
 
 def test_resume_is_exact(tiny_data, tmp_path):
@@ -149,6 +156,7 @@ def test_resume_is_exact(tiny_data, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     assert train.main(args(tiny_data, a, "--epochs", "2", *extra)) == 0
     assert train.main(args(tiny_data, b, "--epochs", "1", *extra)) == 0
+    b_id = torch.load(b / "last.pt", weights_only=True)["wandb_id"]
     assert train.main(args(tiny_data, b, "--epochs", "2", "--resume", *extra)) == 0
     assert train.main(args(tiny_data, c, "--epochs", "2", "--max-time", "0.001s", *extra)) == 0
     stopped = torch.load(c / "last.pt", weights_only=True)
@@ -160,9 +168,50 @@ def test_resume_is_exact(tiny_data, tmp_path):
         for key in ("model", "ema", "optimizer", "scheduler", "rng"):
             assert_same_tensors(sa[key], other[key], key)
         assert other["wandb_id"] != sa["wandb_id"]
-    assert sb["wandb_id"] == torch.load(b / "best.pt", weights_only=True)["wandb_id"]
+    assert sb["wandb_id"] == b_id  # the resumed run logs to the same wandb run
     assert [m["epoch"] for m in read_metrics(b)] == [1, 2]
     assert read_metrics(a)[-1]["val_bpd"] == read_metrics(b)[-1]["val_bpd"]
+
+
+def test_resume_keeps_the_stored_out_dir_and_max_time(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--max-time", "0.001s")) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    # neither --out-dir nor --max-time given: the run goes on in out, and stops after one more step
+    assert train.main([*TINY, "--data-dir", tiny_data, "--resume", str(out / "last.pt")]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+def signal_at_step(monkeypatch, step, signals):
+    """Send `signals` to this process as the training step numbered `step` (from 1) begins."""
+    real_step = train.Trainer.train_step
+
+    def signal_then_step(self, x, y):
+        if self.progress.step == step - 1:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return real_step(self, x, y)
+    monkeypatch.setattr(train.Trainer, "train_step", signal_then_step)
+
+
+def test_a_signal_saves_last_pt_with_the_last_temperature(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    signal_at_step(monkeypatch, 5, [signal.SIGINT])  # Ctrl-C in the middle of epoch 2
+    assert train.main(args(tiny_data, out, "--epochs", "3", "--resume")) == 128 + signal.SIGINT
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 5)
+    assert state["temperature"] == read_metrics(out)[-1]["temperature"] is not None
+
+
+def test_a_second_signal_stops_at_once_without_saving(tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    before = (out / "last.pt").read_bytes()
+    signal_at_step(monkeypatch, 5, [signal.SIGTERM, signal.SIGTERM])
+    assert train.main(args(tiny_data, out, "--epochs", "3", "--resume")) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
 
 
 def test_resume_cannot_change_the_model(tiny_data, tmp_path, capsys):
