@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, atomic_write, load_checkpoint, model_from_checkpoint,
+                        remove_cut_short_writes, save_checkpoint)
 from classify import score_images
 from conftest import randomize_label_parameters
 from dataset import item_paths, read_split_csv, split_train_val
@@ -34,9 +35,28 @@ def test_checkpoint_round_trips_bit_for_bit_in_a_fresh_process(tmp_path):
         "m = model_from_checkpoint(load_checkpoint(d + '/model.pt'));"
         "torch.save(m(torch.load(d + '/x.pt'), torch.tensor([0, 2])).detach(), d + '/got.pt')"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=REPO)
     assert torch.equal(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "expected.pt"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_write_cut_short_leaves_the_old_file_and_its_temp_file_is_cleaned_up(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def half_then_fail(f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(path, half_then_fail)
+    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+    # a process killed in the middle of the write cannot clean up: its temp file stays ...
+    script = ("import os, sys; sys.path.insert(0, '.'); from checkpoint import atomic_write;"
+              f"atomic_write({str(path)!r}, lambda f: (f.write(b'half'), f.flush(), os._exit(9)))")
+    assert subprocess.run([sys.executable, "-c", script], timeout=120, cwd=REPO).returncode == 9
+    assert torch.load(path, weights_only=True)["step"] == 1 and len(os.listdir(tmp_path)) == 2
+    remove_cut_short_writes(tmp_path)  # ... until the next run in that folder starts
+    assert os.listdir(tmp_path) == ["last.pt"]
 
 
 class Payload:
