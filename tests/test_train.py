@@ -149,6 +149,39 @@ def test_checkpoint_contents_and_refusal_to_overwrite(tiny_data, tmp_path, capsy
     assert len(new_ids) == 1 and old_id not in new_ids
 
 
+def test_best_pt_stores_the_validation_figures_of_its_ema_weights(tiny_data, tmp_path):
+    """val_acc, val_bpd and the temperature are those of the EMA weights (what model_from_checkpoint
+    loads) on the validation images, recomputed here from the checkpoint alone."""
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "2")) == 0
+    state = torch.load(out / "best.pt", weights_only=True)
+    [logged] = [m for m in read_metrics(out) if m["step"] == state["step"]]
+    model = model_from_checkpoint(state).eval()
+    _, val, _, _ = dataset.load_train_val(tiny_data, "train", "val", 0.1, 0, image_size=8, progress=False)
+    with torch.no_grad():
+        ll = utils.class_log_likelihoods(model, dataset.to_model_input(val.images), 4).double()
+    assert logged["val_acc"] == (ll.argmax(dim=1) == val.labels).double().mean().item()
+    true_ll = ll.gather(1, val.labels[:, None]).mean()
+    assert logged["val_bpd"] == pytest.approx(utils.bits_per_dim(-true_ll, (3, 8, 8)).item(), rel=1e-9)
+    assert state["temperature"] == logged["temperature"] == pytest.approx(
+        utils.fit_temperature(ll, val.labels), rel=1e-6)
+
+
+def test_sample_grids_and_best_by_bits_per_dim(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "3", "--samples-per-class", "1", "--sample-every", "2",
+                           "--best-metric", "val_bpd")) == 0
+    assert sorted(n for n in os.listdir(out) if n.startswith("samples")) == \
+        ["samples_epoch0002.png", "samples_epoch0003.png"]  # every 2 epochs, and at the end
+    metrics = read_metrics(out)
+    best = min(metrics, key=lambda m: m["val_bpd"])
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == best["step"]
+    stopped = tmp_path / "stopped"  # a run that max_time ends early draws no grid
+    assert train.main(args(tiny_data, stopped, "--epochs", "3", "--samples-per-class", "1",
+                           "--max-time", "0.001s")) == 0
+    assert not [n for n in os.listdir(stopped) if n.startswith("samples")]
+
+
 def test_resume_is_exact(tiny_data, tmp_path):
     """Two epochs in one run == one epoch, then a resumed one == a stop after one step (max_time),
     then a resume: bitwise on a CPU, with dropout and the classification term on."""
