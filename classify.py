@@ -1,13 +1,16 @@
 """Zero-shot classification with a conditional PixelCNN++: Bayes' rule over the class likelihoods.
 
-    python classify.py --checkpoint C [C2 ...] --data-dir D [--split test] [--csv PATH] --out predictions.csv
+    python classify.py --checkpoint C [C2 ...] --data-dir D [--split test | --csv PATH | --held-out val|report]
+                       --out predictions.csv
                        [--batch-size N] [--device auto|cpu|cuda] [--prior uniform|train|fitted] [--hflip]
                        [--temperature T] [--logits out.npy] [--metrics-out metrics.json]
                        [--explain DIR] [--explain-out maps.npz] [--explain-limit N]
     torchrun --nproc_per_node=N classify.py ...   (each process scores a shard; rank 0 writes)
 
 D is a CPEN455-layout root (the files and labels come from D/<split>.csv, or from --csv PATH) or a
-plain folder of images (every image under it, recursively, in sorted order). Every image is scored
+plain folder of images (every image under it, recursively, in sorted order). --held-out val (or
+report) takes the images that the checkpoint's training run held out of training, recomputed from
+D's training CSV with the seeds and fractions stored in the checkpoint (dataset.split_items). Every image is scored
 under every label, log p(x|c) in nats, in one batched pass (EMA weights, inference mode, images
 resized to the model's image_size); the prediction is argmax_c log p(x|c) + log p(c). With
 --hflip each image is also scored mirrored left-right, and the prediction, the CSV's log-likelihoods
@@ -59,13 +62,14 @@ from tqdm import tqdm
 
 import utils
 from checkpoint import atomic_write, load_model
-from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
+from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
                     join_processes, leave_processes, report, speed_up_cpu)
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
-                     read_split_csv, split_csv_path, to_model_input)
+                     read_split_csv, root_relative, split_csv_path, split_items, to_model_input)
 
 PROG = "classify.py"
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # CSVs that mark a CPEN455 root
+SPLIT_KEYS = ("train_split", "val_split", "val_fraction", "seed", "report_fraction", "report_seed")
 CALIBRATION_BINS = 15
 
 
@@ -285,6 +289,30 @@ def find_inputs(data_dir, split, csv_path, num_classes):
     return items, item_paths(data_dir, None, items), None
 
 
+def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
+    """(items with ids relative to data_dir, file paths, a description) of the `which` ("val" or
+    "report") images that the checkpoints' training run held out, from its stored split keys."""
+    # Keys a checkpoint predates take their defaults, which are what that code did (no report split).
+    splits = [{key: {**DEFAULTS, **config}[key] for key in SPLIT_KEYS} for config in run_configs]
+    for path, split in zip(checkpoints, splits):
+        if split != splits[0]:
+            raise UsageError(f"--held-out: {checkpoints[0]} and {path} held out different images; "
+                             f"score them one at a time")
+    c = splits[0]
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    _, val_items, report_items, val_csv = split_items(
+        data_dir, c["train_split"], c["val_split"], c["val_fraction"], c["seed"], num_classes,
+        c["report_fraction"], c["report_seed"])
+    train_csv = split_csv_path(data_dir, c["train_split"])
+    chosen, csv_path = (val_items, val_csv) if which == "val" else (report_items, train_csv)
+    if not chosen:
+        raise UsageError(f"--held-out {which}: the run of {checkpoints[0]} held out no {which} images "
+                         f"(its {which}_fraction is 0)")
+    items = root_relative(data_dir, csv_path, chosen)
+    return items, item_paths(data_dir, None, items), f"the {which} split of {checkpoints[0]}'s run"
+
+
 def csv_text(ids, predictions, log_likelihoods, posteriors):
     k = log_likelihoods.shape[1]
     header = (["id", "label"] + [f"loglik_{class_name(c)}" for c in range(k)]
@@ -330,10 +358,13 @@ def build_parser():
                         "their log p(x|c))")
     p.add_argument("--data-dir", required=True,
                    help="a CPEN455-layout root (with <split>.csv) or a plain folder of images")
-    p.add_argument("--split", default="test", help="which <split>.csv of a CPEN455 root (default test)")
+    p.add_argument("--split", default=None, help="which <split>.csv of a CPEN455 root (default test)")
     p.add_argument("--csv", default=None, metavar="PATH",
                    help="take the files (and labels) from this CSV instead of <data-dir>/<split>.csv; "
                         "ids are relative to --data-dir")
+    p.add_argument("--held-out", choices=("val", "report"), default=None,
+                   help="score the images the checkpoint's training run held out (its validation or "
+                        "report split), recomputed from <data-dir> with the run's stored seeds and fractions")
     p.add_argument("--out", required=True, help="the predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass (each is scored under all K labels: K x this; default 32)")
@@ -363,6 +394,10 @@ def build_parser():
 
 
 def check_options(args):
+    chosen = [option for option, value in (("--split", args.split), ("--csv", args.csv),
+                                           ("--held-out", args.held_out)) if value is not None]
+    if len(chosen) > 1:
+        raise UsageError(f"{' and '.join(chosen)} both choose the images; give one")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for option, path in (("--out", args.out), ("--logits", args.logits),
@@ -382,9 +417,9 @@ def check_options(args):
 
 def load_experts(checkpoints, device, temperature, say):
     """-> (the EMA models of the checkpoints, the posterior's temperature, their fitted priors or
-    None): --temperature if given, else the mean of the checkpoints' stored ones (1, with a note,
-    where one has none). The models must agree on their labels and image size."""
-    models, stored, fitted = [], [], []
+    None, their training configs): --temperature if given, else the mean of the checkpoints' stored
+    ones (1, with a note, where one has none). The models must agree on their labels and image size."""
+    models, stored, fitted, run_configs = [], [], [], []
     for path in checkpoints:
         model, state = load_model(path, device)
         if model.config["num_classes"] < 1:
@@ -397,16 +432,17 @@ def load_experts(checkpoints, device, temperature, say):
         models.append(model)
         stored.append(state.get("temperature"))
         fitted.append(state.get("fitted_prior"))
+        run_configs.append(state.get("config", {}))
     if temperature is not None:
-        return models, temperature, fitted
+        return models, temperature, fitted, run_configs
     if None in stored:
         say(f"{PROG}: {checkpoints[stored.index(None)]} has no fitted temperature (it predates "
             f"calibration): posteriors at T = 1, near-certain; pass --temperature T to set one")
-        return models, 1.0, fitted
+        return models, 1.0, fitted, run_configs
     if len(models) > 1:
         say(f"{PROG}: {len(models)} experts; posteriors at the mean of their temperatures, "
             f"{sum(stored) / len(stored):.4g} (fit one on held-out images: bench/calibration.py)")
-    return models, sum(stored) / len(stored), fitted
+    return models, sum(stored) / len(stored), fitted, run_configs
 
 
 def stored_prior(checkpoints, fitted, temperature):
@@ -495,14 +531,19 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
 
 def run(args, rank, world_size, device):
     say = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints
-    models, temperature, fitted = load_experts(args.checkpoint, device, args.temperature, say)
+    models, temperature, fitted, run_configs = load_experts(args.checkpoint, device, args.temperature, say)
     model = models[0]
     num_classes = model.config["num_classes"]
     explaining = args.explain is not None or args.explain_out is not None
     if explaining and num_classes < 2:
         raise UsageError(f"--explain compares two labels; {args.checkpoint[0]} has {num_classes}")
 
-    items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
+    if args.held_out is not None:
+        items, paths, source = held_out_inputs(args.data_dir, args.held_out, run_configs, args.checkpoint,
+                                               num_classes)
+    else:
+        items, paths, csv_used = find_inputs(args.data_dir, args.split or "test", args.csv, num_classes)
+        source = csv_used if csv_used is not None else f"{args.data_dir} (folder)"
     log_prior = None
     if args.prior == "train":
         train_csv = split_csv_path(args.data_dir, "train")
@@ -518,7 +559,6 @@ def run(args, rank, world_size, device):
             f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
 
     ids, labels = [i for i, _ in items], np.array([l for _, l in items], dtype=np.int64)
-    source = csv_used if csv_used is not None else f"{args.data_dir} (folder)"
     processes = f"; {world_size} processes" if world_size > 1 else ""
     say(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
         f"{model.config['image_size']}; device {device}{processes}")

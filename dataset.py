@@ -29,11 +29,14 @@ random_shift(x [B, C, H, W], max_shift, seed) -> x with each image translated by
 LabelledImages(images_uint8, labels)      torch Dataset -> (x float [3, H, W] in [-1, 1], label int)
 split_train_val(items, val_fraction, seed) -> (train_items, val_items)  seeded, stratified per label
 load_labelled_split(root, split, image_size, num_classes=None, progress=None) -> (items, uint8 images)
+split_items(root, train_split, val_split, val_fraction, seed, num_classes=None, report_fraction=0.0,
+            report_seed=1) -> (train items, val items, report items, val's CSV path)
+    val is <root>/<val_split>.csv where it exists, else a split_train_val of the training CSV;
+    the report split, a split_train_val of the rest, is held out of training and of every choice.
 load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
                progress=None, report_fraction=0.0, report_seed=1)
     -> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, source)
-    val is <root>/<val_split>.csv where it exists, else a split_train_val of the training CSV;
-    the report split, a split_train_val of the rest, is held out of training and of every choice.
+    the splits of split_items; the held-out items have ids relative to root.
 make_demo_dataset(root, seed=0, n_per_class=..., n_val_per_class=..., n_test_per_class=...,
                   image_size=32) -> root  the procedural demo set in the CPEN455 layout (PNG):
     root/train.csv + root/train/, root/val.csv + root/val/ (labelled), root/test.csv + root/test/
@@ -279,36 +282,41 @@ def load_labelled_split(root, split, image_size, num_classes=None, progress=None
     return items, load_images(item_paths(root, csv_path, items), image_size, progress)
 
 
+def split_items(root, train_split, val_split, val_fraction, seed, num_classes=None, report_fraction=0.0,
+                report_seed=1):
+    """-> (train items, val items, report items, val's CSV path): the items a training run with
+    these keys uses, without loading an image. Validation is <root>/<val_split>.csv where it
+    exists, else split_train_val(val_fraction, seed) of <root>/<train_split>.csv. The report split,
+    split_train_val(report_fraction, report_seed) of what is left, is held out of training and of
+    every choice."""
+    train_csv = split_csv_path(root, train_split)
+    items = read_split_csv(root, train_csv, num_classes=num_classes, allow_unknown=False)
+    val_csv = split_csv_path(root, val_split) if val_split else None
+    if val_csv and os.path.isfile(val_csv):
+        train_items, val_items = items, read_split_csv(root, val_csv, num_classes=num_classes, allow_unknown=False)
+    else:
+        (train_items, val_items), val_csv = split_train_val(items, val_fraction, seed), train_csv
+    train_items, report_items = split_train_val(train_items, report_fraction, report_seed)
+    return train_items, val_items, report_items, val_csv
+
+
 def load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
                    progress=None, report_fraction=0.0, report_seed=1):
     """-> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, where
-    val came from). Validation is <root>/<val_split>.csv where it exists, else
-    split_train_val(val_fraction, seed). The report split, split_train_val(report_fraction,
-    report_seed) of what is left, is held out of training and of every choice: only its
-    (id, label) items are returned, for classify.py."""
-    if val_split and os.path.isfile(split_csv_path(root, val_split)):
-        items, images = load_labelled_split(root, train_split, image_size, num_classes, progress)
-        val_items, val_images = load_labelled_split(root, val_split, image_size, num_classes, progress)
-        train_items, source = items, f"{val_split}.csv"
-    else:
-        items, images = load_labelled_split(root, train_split, image_size, num_classes, progress)
-        train_items, val_items = split_train_val(items, val_fraction, seed)
-        val_images, source = None, f"{val_fraction:g} of {train_split}.csv"
-    train_items, report_items = split_train_val(train_items, report_fraction, report_seed)
-    if not train_items:
-        raise DataError(f"{split_csv_path(root, train_split)}: no training images left after the "
-                        f"validation and report splits")
-    index = {item_id: i for i, (item_id, _) in enumerate(items)}
-
-    def images_of(chosen):  # uint8 [len(chosen), 3, S, S]
-        return images[[index[item_id] for item_id, _ in chosen]]
-    train = LabelledImages(images_of(train_items), [label for _, label in train_items])
-    val = None
-    if val_items:
-        val = LabelledImages(images_of(val_items) if val_images is None else val_images,
-                             [label for _, label in val_items])
+    val came from): the splits of split_items, with the images of the first two; of the report
+    split only its (id, label) items, for classify.py."""
+    train_items, val_items, report_items, val_csv = split_items(
+        root, train_split, val_split, val_fraction, seed, num_classes, report_fraction, report_seed)
     train_csv = split_csv_path(root, train_split)
-    val_csv = train_csv if val_images is None else split_csv_path(root, val_split)
+    if not train_items:
+        raise DataError(f"{train_csv}: no training images left after the validation and report splits")
+
+    def labelled_images(csv_path, items):
+        images = load_images(item_paths(root, csv_path, items), image_size, progress)
+        return LabelledImages(images, [label for _, label in items])
+    train = labelled_images(train_csv, train_items)
+    val = labelled_images(val_csv, val_items) if val_items else None
+    source = f"{val_fraction:g} of {train_split}.csv" if val_csv == train_csv else f"{val_split}.csv"
     held_out = {"val": root_relative(root, val_csv, val_items),
                 "report": root_relative(root, train_csv, report_items)}
     return train, val, held_out, source

@@ -2,6 +2,8 @@
 
     python classify.py --checkpoint C --data-dir D --csv held_out.csv --out p.csv --logits ll.npy
     python bench/calibration.py --logits ll.npy --csv held_out.csv [--checkpoint C --save C_T.pt]
+    (or, for the images that C's training run held out: --held-out val in both commands, and
+    --checkpoint C --data-dir D in the second)
 
 From the log-likelihoods that classify.py saved (--logits) and the labels of the same images, it
 prints accuracy, ECE (15 bins), the NLL of the true label and the Brier score at T = 1; at the T
@@ -21,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 from checkpoint import first_line, load_checkpoint, save_checkpoint  # noqa: E402
+from classify import held_out_inputs  # noqa: E402
 from config import ArgumentParser, UsageError, report  # noqa: E402
 from utils import calibration_metrics, fit_prior, fit_temperature, log_posterior  # noqa: E402
 
@@ -38,7 +41,11 @@ def line(name, log_likelihoods, labels, temperature, log_prior=None):
 def build_parser():
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--logits", required=True, help="log p(x|c) [N, K] from classify.py --logits")
-    parser.add_argument("--csv", required=True, help="the id,label CSV that classify.py scored (--csv)")
+    parser.add_argument("--csv", help="the id,label CSV that classify.py scored (--csv)")
+    parser.add_argument("--held-out", choices=("val", "report"),
+                        help="instead of --csv: the split that classify.py --held-out scored (needs "
+                             "--checkpoint and --data-dir)")
+    parser.add_argument("--data-dir", help="the data root, with --held-out")
     parser.add_argument("--checkpoint", help="the checkpoint that made the logits")
     parser.add_argument("--save", help="write a copy of --checkpoint here, with the fitted temperature and the fitted prior")
     return parser
@@ -55,8 +62,20 @@ def main(argv=None):
 def run(args):
     if args.save and not args.checkpoint:
         raise UsageError("--save writes a copy of --checkpoint; name the checkpoint too")
-    state = load_checkpoint(args.checkpoint) if args.save else None  # fail before any figures
-    log_likelihoods, items = read_inputs(args.logits, args.csv)
+    if (args.csv is None) == (args.held_out is None):
+        raise UsageError("give the labels of the scored images: --csv PATH or --held-out val|report")
+    if args.held_out and not (args.checkpoint and args.data_dir):
+        raise UsageError("--held-out needs --checkpoint and --data-dir, to recompute the run's split")
+    state = load_checkpoint(args.checkpoint) if args.save or args.held_out else None  # fail before any figures
+    log_likelihoods = read_logits(args.logits)
+    if args.held_out:
+        items = held_out_inputs(args.data_dir, args.held_out, [state["config"]], [args.checkpoint],
+                                log_likelihoods.shape[1])[0]
+        source = f"--held-out {args.held_out}"
+    else:
+        items, source = dataset.parse_split_csv(args.csv, log_likelihoods.shape[1], allow_unknown=False), args.csv
+    if len(items) != len(log_likelihoods):
+        raise UsageError(f"{source} has {len(items)} images, {args.logits} {len(log_likelihoods)}")
     labels = torch.tensor([label for _, label in items])
     print(line("the model's own posterior", log_likelihoods, labels, 1.0))
     fitted = fit_temperature(log_likelihoods, labels)
@@ -86,18 +105,15 @@ def cross_fitting_halves(items):
             (second, first, "fitted on half B, scored on half A")]
 
 
-def read_inputs(logits_path, csv_path):
-    """-> (log p(x|c) [N, K] as float64, the CSV's N (id, label) rows, every label known and < K)."""
+def read_logits(logits_path):
+    """-> log p(x|c) [N, K] as float64."""
     try:
         log_likelihoods = torch.from_numpy(np.load(logits_path)).double()
     except (OSError, ValueError) as err:
         raise UsageError(f"--logits {logits_path}: not a .npy array ({first_line(err)})") from None
     if log_likelihoods.ndim != 2:
         raise UsageError(f"--logits {logits_path}: expected [images, classes], got shape {list(log_likelihoods.shape)}")
-    items = dataset.parse_split_csv(csv_path, log_likelihoods.shape[1], allow_unknown=False)
-    if len(items) != len(log_likelihoods):
-        raise UsageError(f"{csv_path} has {len(items)} rows, {logits_path} {len(log_likelihoods)}")
-    return log_likelihoods, items
+    return log_likelihoods
 
 
 if __name__ == "__main__":

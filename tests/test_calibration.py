@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
 
 import calibration  # noqa: E402
+import dataset  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils import fit_prior, fit_temperature  # noqa: E402
 
@@ -82,6 +83,24 @@ def test_a_fitted_prior_wins_back_what_a_biased_model_loses(tmp_path, capsys):
         assert with_prior["right"] > alone["right"] + 10 and with_prior["NLL"] < alone["NLL"]
 
 
+def test_held_out_takes_the_labels_of_the_split_the_run_held_out(tmp_path, capsys):
+    """--held-out val recomputes the validation split from the checkpoint's stored keys: the same
+    figures as --csv with that split's id,label rows."""
+    data = dataset.make_demo_dataset(str(tmp_path / "demo"), seed=1, n_per_class=8, n_val_per_class=1,
+                                     n_test_per_class=1, image_size=8)
+    checkpoint = str(tmp_path / "run.pt")
+    save_checkpoint(checkpoint, {"model": {}, "config": {"val_split": "nosuch", "val_fraction": 0.25, "seed": 3}})
+    items = dataset.read_split_csv(data, os.path.join(data, "train.csv"), allow_unknown=False)
+    val_items = dataset.split_train_val(items, 0.25, seed=3)[1]
+    ll, _ = overconfident(n=len(val_items))
+    logits, csv = write_inputs(tmp_path, ll, [label for _, label in val_items])
+    assert calibration.main(["--logits", logits, "--csv", csv]) == 0
+    from_csv = capsys.readouterr().out
+    assert calibration.main(["--logits", logits, "--held-out", "val", "--checkpoint", checkpoint,
+                             "--data-dir", data]) == 0
+    assert capsys.readouterr().out == from_csv
+
+
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     ll, labels = overconfident(n=20)
     logits, csv = write_inputs(tmp_path, ll, labels)
@@ -98,12 +117,14 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         "name the checkpoint too": ["--logits", logits, "--csv", csv, "--save", str(saved)],
         "checkpoint not found": ["--logits", logits, "--csv", csv, "--checkpoint", str(tmp_path / "no.pt"),
                                  "--save", str(saved)],
-        "has 20 rows": ["--logits", short_logits, "--csv", csv],
+        "has 20 images": ["--logits", short_logits, "--csv", csv],
         "expected [images, classes]": ["--logits", flat_logits, "--csv", csv],
         "not a .npy array": ["--logits", str(text), "--csv", csv],
         "label 4 is outside 0..3": ["--logits", logits, "--csv", str(wide_labels)],
         "CSV file not found": ["--logits", logits, "--csv", str(tmp_path / "no.csv")],
         "required": ["--csv", csv],
+        "give the labels of the scored images": ["--logits", logits],
+        "--held-out needs --checkpoint and --data-dir": ["--logits", logits, "--held-out", "val"],
     }
     for message, argv in cases.items():
         try:

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import classify
 import utils
 from checkpoint import save_checkpoint
-from dataset import load_images, to_model_input
+from dataset import load_images, make_demo_dataset, to_model_input
 from model import build_model
 
 K = 3
@@ -335,6 +335,10 @@ def bad_input_cases(trained, cpen_root, tmp_path):
     cases["missing split csv"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "dev"], "dev.csv")
     cases["train prior without train.csv"] = (["--checkpoint", ckpt, "--data-dir", corrupt.parent / "plain",
                                                "--prior", "train"], "train.csv")
+    cases["two ways to choose the images"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--held-out", "val",
+                                               "--split", "val"], "--split and --held-out")
+    cases["a report split the run did not hold out"] = (
+        ["--checkpoint", ckpt, "--data-dir", cpen_root, "--held-out", "report"], "held out no report images")
     return cases
 
 
@@ -352,6 +356,26 @@ def test_bad_inputs_exit_2_one_line_no_csv(trained, cpen_root, tmp_path, capsys)
         assert not out.exists() and not logits.exists(), name
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
     assert not leftovers
+
+
+def test_held_out_scores_what_the_training_run_held_out(tmp_path, capsys):
+    """--held-out val and --held-out report give what the run's own splits/*.csv give."""
+    import train
+    data = make_demo_dataset(str(tmp_path / "demo"), seed=1, n_per_class=8, n_val_per_class=1,
+                             n_test_per_class=1, image_size=8)
+    run = tmp_path / "run"
+    assert train.main(["--nr-resnet", "1", "--nr-filters", "8", "--nr-logistic-mix", "2", "--image-size", "8",
+                       "--batch-size", "8", "--samples-per-class", "0", "--wandb", "disabled", "--epochs", "1",
+                       "--data-dir", data, "--out-dir", str(run), "--val-split", "nosuch",  # no nosuch.csv: carve
+                       "--val-fraction", "0.25", "--report-fraction", "0.25", "--seed", "3"]) == 0
+    capsys.readouterr()
+    for which, n in (("val", 8), ("report", 8)):  # per class: 2 of 8, then round(1.5) = 2 of the 6 left
+        common = ["--checkpoint", run / "last.pt", "--data-dir", data]
+        assert run_main(capsys, *common, "--held-out", which, "--out", tmp_path / "held.csv")[0] == 0
+        assert run_main(capsys, *common, "--csv", run / "splits" / f"{which}.csv",
+                        "--out", tmp_path / "listed.csv")[0] == 0
+        assert len(csv_ids(tmp_path / "held.csv")) == n + 1  # and the header
+        assert (tmp_path / "held.csv").read_bytes() == (tmp_path / "listed.csv").read_bytes()
 
 
 def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
