@@ -299,8 +299,6 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
             raise UsageError(f"--held-out: {checkpoints[0]} and {path} held out different images; "
                              f"score them one at a time")
     c = splits[0]
-    if not os.path.isdir(data_dir):
-        raise DataError(f"data directory not found: {data_dir}")
     _, val_items, report_items, val_csv = split_items(
         data_dir, c["train_split"], c["val_split"], c["val_fraction"], c["seed"], num_classes,
         c["report_fraction"], c["report_seed"])
