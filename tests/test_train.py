@@ -182,6 +182,15 @@ def test_sample_grids_and_best_by_bits_per_dim(tiny_data, tmp_path):
     assert not [n for n in os.listdir(stopped) if n.startswith("samples")]
 
 
+def test_save_every_writes_last_pt_every_n_epochs_and_at_the_end(tiny_data, tmp_path, monkeypatch):
+    saved = []
+    real_save = train.Trainer.save
+    monkeypatch.setattr(train.Trainer, "save",
+                        lambda self, name: saved.append((name, self.progress.epoch)) or real_save(self, name))
+    assert train.main(args(tiny_data, tmp_path / "out", "--epochs", "5", "--save-every", "2")) == 0
+    assert [epoch for name, epoch in saved if name == "last.pt"] == [2, 4, 5]
+
+
 def test_resume_is_exact(tiny_data, tmp_path):
     """Two epochs in one run == one epoch, then a resumed one == a stop after one step (max_time),
     then a resume: bitwise on a CPU, with dropout and the classification term on."""
