@@ -62,7 +62,7 @@ def level_log_probs(x, means, log_scales):
 
 
 def discretized_mix_logistic_log_probs(x, params):
-    """log p(x_ij) of each pixel's RGB value, [B, H, W], in float32 (float64 for float64 input)."""
+    """log p(x_ij) of each pixel's RGB value, [B, H, W], in float32 (float64 for float64 params)."""
     dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
     device_type = params.device.type
     with torch.autocast(device_type, enabled=False):
