@@ -8,8 +8,10 @@ matrix-multiply rate, optionally against the code of an earlier commit, all in o
 
 A config is a YAML file, optionally followed by ':key=value,...' overrides. A variant is a '+'-joined
 set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays float32), compile
-(torch.compile). `--ref REF` adds rows for the code at git commit REF (checked out into a temporary
-worktree), fp32 and channels_last, so that a speed-up is a ratio measured in the same run.
+(torch.compile of the whole model), compile_blocks (torch.compile of each gated resnet only, a
+"regional" compile that fuses their elementwise work and leaves the rest eager). `--ref REF` adds
+rows for the code at git commit REF (checked out into a temporary worktree), fp32 and
+channels_last, so that a speed-up is a ratio measured in the same run.
 
 Each (variant, round) runs in a fresh process: build the model, two warm-up steps, then `--steps`
 full training steps (forward, the config's loss, backward, Adam) on one batch: random images, or
@@ -36,7 +38,7 @@ import torch
 import yaml
 
 from reference import ROOT, worktree
-OPTIONS = ("fp32", "channels_last", "bf16", "compile")
+OPTIONS = ("fp32", "channels_last", "bf16", "compile", "compile_blocks")
 
 
 def read_config(spec):
@@ -76,12 +78,20 @@ def step_function(model, config, variant, batch_size, device, batch=None):
         batch = (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8),
                  torch.randint(0, max(K, 1), (batch_size,)))
     x, y = batch[0].to(device) / 127.5 - 1, batch[1].to(device)
-    if "channels_last" in variant:
+    options = set(variant.split("+"))
+    if "channels_last" in options:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    net = torch.compile(model) if "compile" in variant else model
+    if "compile_blocks" in options:
+        import layers
+        # Every block is a recompile of the one forward (new shapes, new self): allow one each.
+        torch._dynamo.config.recompile_limit = 256
+        for block in model.modules():
+            if isinstance(block, layers.GatedResnet):
+                block.compile()
+    net = torch.compile(model) if "compile" in options else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    bf16 = "bf16" in variant
+    bf16 = "bf16" in options
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -126,6 +136,8 @@ def measure(config, variant, steps, batch_size, device, batch=None):
     speed_up()
     torch.manual_seed(0)
     model = build_model({k: v for k, v in config.items() if k in MODEL_DEFAULTS}).to(device)
+    # Counted first, on the eager model: compile_blocks compiles the model's own blocks in place.
+    flops = reference_flops(model, step_function(model, config, "fp32", batch_size, device, batch))
     step = step_function(model, config, variant, batch_size, device, batch)
     start = time.perf_counter()
     for _ in range(2):
@@ -138,7 +150,6 @@ def measure(config, variant, steps, batch_size, device, batch=None):
         step()
     sync()
     seconds = time.perf_counter() - start
-    flops = reference_flops(model, step_function(model, config, "fp32", batch_size, device, batch))
     return {"images_per_s": steps * batch_size / seconds, "gflop_per_image": flops / batch_size / 1e9,
             "warmup_s": warmup}
 
