@@ -22,7 +22,8 @@ them; the table gives each variant's median round. GFLOP/s counts the multiply-a
 convolutions and matrix products (torch.utils.flop_counter, 2 FLOPs each) of the step as the
 reference formulation defines it (explicitly padded convolutions), so that every variant, and the
 --ref code, is credited with the same work per image. The matrix-multiply rate is a 2048x2048
-torch.mm in float32 and in bfloat16, measured in this run on the same threads.
+torch.mm in float32 and in bfloat16 (where the device has bf16 natively), measured in this run on
+the same threads.
 """
 import argparse
 import contextlib
@@ -52,18 +53,34 @@ def read_config(spec):
     return config
 
 
-def matmul_rate(dtype, n=2048, repeats=10):
-    """GFLOP/s of an n x n torch.mm in `dtype` on this process's threads (best of three)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_rate(dtype, device, n=2048, repeats=10):
+    """GFLOP/s of an n x n torch.mm in `dtype` on `device` (a CPU: this process's threads), best of three."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(3):
         a @ b
     best = 0.0
     for _ in range(3):
+        sync()
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        sync()
         best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def matmul_rates(device):
+    """{'fp32': GFLOP/s, 'bf16': GFLOP/s or None}. bf16 is timed only where the device has it
+    natively: emulated, a 2048x2048 product takes seconds (about 1 GFLOP/s on an AVX2 CPU)."""
+    sys.path.insert(0, ROOT)
+    from config import native_bf16
+    return {"fp32": matmul_rate(torch.float32, device),
+            "bf16": matmul_rate(torch.bfloat16, device) if native_bf16(device) else None}
+
+
+def share(gflops, rate):
+    return f"{gflops / rate:.0%}" if rate else "n/a"
 
 
 def step_function(model, config, variant, batch_size, device, batch=None):
@@ -217,9 +234,10 @@ def main():
                 config = read_config(spec)
                 batch_files[spec] = os.path.join(scratch, f"batch{i}.pt")
                 real_batch(args.data_dir, config, args.batch_size or config["batch_size"], batch_files[spec])
-        rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+        rates = matmul_rates(torch.device(args.device))
+        bf16_rate = f"{rates['bf16']:.0f} in bfloat16" if rates["bf16"] else "bfloat16 not native here (not timed)"
         print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
-              f"2048x2048 torch.mm: {rates['fp32']:.0f} GFLOP/s in float32, {rates['bf16']:.0f} in bfloat16")
+              f"2048x2048 torch.mm: {rates['fp32']:.0f} GFLOP/s in float32, {bf16_rate}")
         if args.data_dir:
             print(f"images: the first of {os.path.join(args.data_dir, 'train.csv')}")
         rows = [(ROOT, variant, variant) for variant in args.variants]
@@ -248,8 +266,8 @@ def main():
                 gflop_per_image = good[0]["gflop_per_image"]
                 gflops = speed * gflop_per_image
                 first = first or speed
-                print(f"| {label} | {speed:.1f} | {gflops:.0f} | {gflops / rates['fp32']:.0%} | "
-                      f"{gflops / rates['bf16']:.0%} | {speed / first:.2f}x | "
+                print(f"| {label} | {speed:.1f} | {gflops:.0f} | {share(gflops, rates['fp32'])} | "
+                      f"{share(gflops, rates['bf16'])} | {speed / first:.2f}x | "
                       f"{statistics.median(r['warmup_s'] for r in good):.1f} |", flush=True)
             if gflop_per_image is not None:
                 print(f"GFLOP per image (training step): {gflop_per_image:.2f}")
