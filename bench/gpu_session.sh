@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# A CUDA session's work in one command: the GPU's training throughput, then three variants of the
-# recipe of runs/f48-aug (BENCHMARKS.md, "Augmentation from the first step") trained side by side on
-# the one GPU for at most MINUTES each, then each scored on its validation and report splits.
+# A CUDA lease's work in one command: the GPU's training throughput, then the recipe of runs/f48-aug
+# (BENCHMARKS.md, "Augmentation from the first step": 48 filters, mirroring and 2-pixel shifts, one
+# slow decay of the rate, 22,660 steps of 32 images) trained for MINUTES, then scored on its
+# validation and report splits. A lease is too short for the whole schedule, so a run goes on
+# across leases: RESUME names the last.pt that an earlier lease returned (carried in), and the run
+# continues from it exactly.
 #
-# Why larger batches: at batch 32 a training step issues about 4,500 operations on tensors far too
-# small to fill a GPU, so it is bound by launching them, and the recipe's 22,660 steps do not fit
-# in a lease of 15 minutes. The variants keep the recipe per epoch (220 epochs, the rate decayed to
-# 1% of its start by the last step, the EMA's horizon in epochs, the hybrid objective on a quarter
-# of each batch) at batch 256 or 128, and three launch-bound processes share the GPU.
+# Why batch 32 and float32: on an H200 this network's step at batch 32 issues thousands of small
+# operations and is bound by launching them (16.7 steps a second), where bf16's casts made it
+# slower (0.82x), and the same 220 epochs at batch 128 ended 0.2 bits/dim worse (BENCHMARKS.md,
+# "The first GPU lease").
 #
-#   bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]   # DEVICE: cuda (default), or cpu to try it
-#   (STEPS=N sets the timed steps of each throughput variant, 20 by default, 0 to skip it;
-#    TRAIN_ARGS="..." is appended to each run's train.py flags, e.g. a tiny network to try the script)
+#   bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]     # DEVICE: cuda (default), or cpu to try it
+#   RESUME=path/last.pt  continue that run instead of starting one (and skip the throughput)
+#   STEPS=N              timed steps of each throughput variant (20 by default; 0 skips it)
+#   TRAIN_ARGS="..."     appended to train.py's flags when starting (e.g. a tiny network, to try it)
 #
 # Everything worth keeping goes to $OUT (the device tool's folder; runs/gpu-out elsewhere):
-# session.log, and runs.tar (each run's last.pt, metrics, logs and scores) in 15 MB parts:
-#   cat runs.tar.part* | tar x      # -> runs/gpu-<variant>/..., runs/gpu-<variant>.log
-# Through the device tool, with the data copied into the ignored data/ folder and carried:
-#   cp -r ../shared/data/cpen455 data/   # then run(command="bash bench/gpu_session.sh data/cpen455 6",
-#                                        #          carry=["data/cpen455"], timeout_s=570)
+# session.log, and run.tar (last.pt, metrics, logs, scores, samples) in 15 MB parts:
+#   cat run.tar.part* | tar x       # -> runs/gpu-f48-aug/...
+# Through the device tool, with the data (and the run to resume) in ignored folders, carried:
+#   cp -r ../shared/data/cpen455 data/
+#   run(command="bash bench/gpu_session.sh data/cpen455 7", carry=["data/cpen455"], timeout_s=570)
+#   run(command="RESUME=runs/gpu-f48-aug/last.pt bash bench/gpu_session.sh data/cpen455 8",
+#       carry=["data/cpen455", "runs/gpu-f48-aug/last.pt", "runs/gpu-f48-aug/metrics.jsonl"], timeout_s=570)
 set -uo pipefail
 data=${1:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
 minutes=${2:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
 device=${3:-cuda}
 out=${OUT:-runs/gpu-out}
-mkdir -p "$out" runs
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TQDM_MININTERVAL=60 OMP_NUM_THREADS=2
+run=runs/gpu-f48-aug
+mkdir -p "$out" "$run"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TQDM_MININTERVAL=60 OMP_NUM_THREADS=4
 exec > >(tee -a "$out/session.log") 2>&1
 
 echo "== $(date -u) on $(hostname): $device, $minutes minutes of training"
@@ -33,61 +39,32 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
       torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 [ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 
-echo "== throughput: the recipe's network at batch 32 and 256"
-for spec in "32 fp32 bf16" "256 fp32 bf16 bf16+channels_last"; do
-  [ "${STEPS:-20}" = 0 ] && break
-  read -r batch variants <<<"$spec"
-  timeout 150 python bench/train_throughput.py --device "$device" --configs "configs/cpen455.yaml:nr_filters=48" \
-      --variants $variants --rounds 1 --steps "${STEPS:-20}" --batch-size "$batch"
-done
+if [ -z "${RESUME:-}" ] && [ "${STEPS:-20}" != 0 ]; then
+  echo "== throughput: the recipe's network at batch 32 (compile: torch.compile, whose warm-up is not timed)"
+  timeout 240 python bench/train_throughput.py --device "$device" --configs "configs/cpen455.yaml:nr_filters=48" \
+      --variants fp32 bf16 compile --rounds 1 --steps "${STEPS:-20}" --batch-size 32
+fi
 
-#        name          batch  lr     lr_decay ema_decay
-variants=("b256-lr2e-3 256   0.002  0.9984   0.96"
-          "b256-lr4e-3 256   0.004  0.9984   0.96"
-          "b128-lr2e-3 128   0.002  0.9992   0.98")
-names=() pids=()
-echo "== training ${#variants[@]} runs side by side: $(date -u)"
-for spec in "${variants[@]}"; do
-  read -r name batch lr decay ema <<<"$spec"
-  names+=("$name")
+if [ -n "${RESUME:-}" ]; then
+  echo "== resuming $RESUME: $(date -u)"
+  [ "$RESUME" = "$run/last.pt" ] || cp "$RESUME" "$run/last.pt"
+  python train.py --resume "$run/last.pt" --out-dir "$run" --data-dir "$data" --device "$device" \
+      --max-time "${minutes}m" >>"$run/train.log" 2>&1
+else
+  echo "== training from scratch: $(date -u)"
   python train.py --config configs/cpen455.yaml --data-dir "$data" --device "$device" --nr-filters 48 \
-      --shift 2 --hflip --epochs 220 --batch-size "$batch" --cls-batch-size $((batch / 4)) --lr "$lr" \
-      --lr-decay "$decay" --ema-decay "$ema" --eval-every 5 --save-every 5 --sample-every 0 \
-      --eval-batch-size 256 --num-workers 0 --max-time "${minutes}m" --out-dir "runs/gpu-$name" \
-      --overwrite ${TRAIN_ARGS:-} >"runs/gpu-$name.log" 2>&1 &
-  pids+=($!)
-done
-wait "${pids[@]}"   # by pid: a bare wait would also wait for the log's tee, which never ends
-echo "== trained: $(date -u)"
-for name in "${names[@]}"; do   # the log's last lines, less the progress bars
-  echo "-- $name"; tr '\r' '\n' <"runs/gpu-$name.log" | grep -v -E "batch/s|s/batch|^ *$" | tail -n 8
-done
+      --shift 2 --hflip --lr-decay 0.9998 --epochs 220 --amp false --max-time "${minutes}m" \
+      --out-dir "$run" --overwrite ${TRAIN_ARGS:-} >>"$run/train.log" 2>&1
+fi
+echo "== trained (exit $?): $(date -u)"
+tr '\r' '\n' <"$run/train.log" | grep -v -E "batch/s|s/batch|^ *$" | tail -n 8   # less the progress bars
 
-pids=()
-for name in "${names[@]}"; do
-  [ -f "runs/gpu-$name/last.pt" ] || continue
-  for split in val report; do
-    python classify.py --checkpoint "runs/gpu-$name/last.pt" --data-dir "$data" \
-        --csv "runs/gpu-$name/splits/$split.csv" --device "$device" --batch-size 256 --no-progress \
-        --out "runs/gpu-$name/$split.csv" --metrics-out "runs/gpu-$name/$split.json" \
-        >"runs/gpu-$name/classify-$split.log" 2>&1 &
-    pids+=($!)
-  done
+for split in val report; do
+  step=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
+  python classify.py --checkpoint "$run/last.pt" --data-dir "$data" --held-out "$split" \
+      --device "$device" --no-progress --out "$run/${split}_step$step.csv" \
+      --metrics-out "$run/${split}_step$step.json" 2>&1 | tail -n 2
 done
-[ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
-for name in "${names[@]}"; do
-  for split in val report; do echo "-- $name $split"; tail -n 4 "runs/gpu-$name/classify-$split.log"; done
-done
-
-files=()
-for name in "${names[@]}"; do
-  files+=("runs/gpu-$name.log")
-  for f in last.pt metrics.jsonl config.yaml splits val.json report.json val.png report.png \
-           val.csv report.csv classify-val.log classify-report.log; do
-    [ -e "runs/gpu-$name/$f" ] && files+=("runs/gpu-$name/$f")
-  done
-  for f in "runs/gpu-$name"/samples_epoch*.png; do [ -e "$f" ] && files+=("$f"); done
-done
-tar cf runs/gpu-runs.tar "${files[@]}" && split -b 15M -d runs/gpu-runs.tar "$out/runs.tar.part"
+tar cf runs/gpu-run.tar --exclude=best.pt "$run" && split -b 15M -d runs/gpu-run.tar "$out/run.tar.part"
 ls -l "$out"
 echo "== done $(date -u)"
