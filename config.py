@@ -93,6 +93,7 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("max_time", str, None, "wall-clock limit: '45m', '2h', '90s', seconds, or null", nullable=True),
     Key("resume", str, None, "true (<out_dir>/last.pt) or a checkpoint path", nullable=True),
     Key("overwrite", bool, False, "start afresh even if <out_dir>/last.pt exists (deletes its metrics.jsonl, best.pt, grids)"),
+    Key("progress", bool, True, "progress bars (false: the log lines alone, for a log file); this chunk only"),
     Key("wandb", str, "offline", "WANDB_MODE=disabled also disables",
         choices=("offline", "online", "disabled")),
     Key("wandb_project", str, "pixelcnn-pp", "the wandb project"),
@@ -206,7 +207,7 @@ def merge_on_resume(stored, given, source):
         if name in given and coerce(name, given[name]) != stored[name]:
             raise UsageError(f"config key {name!r} is {given[name]!r} but the checkpoint {source} "
                              f"was trained with {stored[name]!r}; model keys cannot change on resume")
-    return {**stored, "lr_restart": False, **given, "resume": source}
+    return {**stored, "lr_restart": False, "progress": True, **given, "resume": source}
 
 
 def resume_path(config):

@@ -73,7 +73,7 @@ def load_data(config, is_main):
         raise dataset.DataError(f"data directory not found: {root}")
     train, val, held_out, source = dataset.load_train_val(
         root, config["train_split"], config["val_split"], config["val_fraction"], config["seed"],
-        config["image_size"], config["num_classes"] or None, progress=None if is_main else False,
+        config["image_size"], config["num_classes"] or None, progress=None if is_main and config["progress"] else False,
         report_fraction=config["report_fraction"], report_seed=config["report_seed"])
     description = (f"{len(train)} training images, {len(val) if val else 0} validation images ({source}), "
                    f"{len(held_out['report'])} held out to report on")
@@ -339,7 +339,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(c["seed"] + p.epoch))  # not the global RNG
         bar = tqdm(total=len(batches) + p.batch_in_epoch, initial=p.batch_in_epoch, unit="batch",
-                   desc=f"epoch {p.epoch + 1}/{c['epochs']}", leave=False, disable=not self.is_main)
+                   desc=f"epoch {p.epoch + 1}/{c['epochs']}", leave=False, disable=not (self.is_main and c["progress"]))
         self.model.train()
         with bar:
             for x, y in loader:
@@ -382,7 +382,7 @@ class Trainer:
             train_bpd = p.epoch_bpd_sum / p.epoch_batches if p.epoch_batches else None
             val = {"val_bpd": None, "val_acc": None}
             if self.val_data is not None:
-                val.update(evaluate(self.ema.module, self.val_data, c, self.device, show_progress=True))
+                val.update(evaluate(self.ema.module, self.val_data, c, self.device, show_progress=c["progress"]))
             p.fitted_prior = val.pop("fitted_prior", None)  # saved with last.pt and best.pt, not a metric
             p.metrics = {"epoch": p.epoch, "step": p.step, "train_bpd": train_bpd, **val,
                          "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.elapsed(), 2)}

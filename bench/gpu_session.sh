@@ -31,7 +31,7 @@ device=${3:-cuda}
 out=${OUT:-runs/gpu-out}
 run=runs/gpu-f48-aug
 mkdir -p "$out" "$run"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TQDM_MININTERVAL=60 OMP_NUM_THREADS=4
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=4
 exec > >(tee -a "$out/session.log") 2>&1
 
 echo "== $(date -u) on $(hostname): $device, $minutes minutes of training"
@@ -49,15 +49,15 @@ if [ -n "${RESUME:-}" ]; then
   echo "== resuming $RESUME: $(date -u)"
   [ "$RESUME" = "$run/last.pt" ] || cp "$RESUME" "$run/last.pt"
   python train.py --resume "$run/last.pt" --out-dir "$run" --data-dir "$data" --device "$device" \
-      --max-time "${minutes}m" >>"$run/train.log" 2>&1
+      --max-time "${minutes}m" --progress false >>"$run/train.log" 2>&1
 else
   echo "== training from scratch: $(date -u)"
   python train.py --config configs/cpen455.yaml --data-dir "$data" --device "$device" --nr-filters 48 \
-      --shift 2 --hflip --lr-decay 0.9998 --epochs 220 --amp false --max-time "${minutes}m" \
+      --shift 2 --hflip --lr-decay 0.9998 --epochs 220 --amp false --max-time "${minutes}m" --progress false \
       --out-dir "$run" --overwrite ${TRAIN_ARGS:-} >>"$run/train.log" 2>&1
 fi
 echo "== trained (exit $?): $(date -u)"
-tr '\r' '\n' <"$run/train.log" | grep -v -E "batch/s|s/batch|^ *$" | tail -n 8   # less the progress bars
+tail -n 8 "$run/train.log"
 
 for split in val report; do
   step=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")

@@ -287,6 +287,15 @@ def test_lr_restart_starts_the_decay_again_at_the_runs_own_lr_for_that_chunk_onl
     assert "needs resume" in capsys.readouterr().err
 
 
+def test_progress_false_leaves_the_log_lines_alone_for_that_chunk_only(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--progress", "false")) == 0
+    quiet = capsys.readouterr().err
+    assert "epoch 1 step 3: train" in quiet and "batch/s" not in quiet and "epoch 1/1" not in quiet
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume")) == 0  # bars are back
+    assert "epoch 2/2" in capsys.readouterr().err
+
+
 def test_max_time_ends_cleanly(tiny_data, tmp_path):
     out = tmp_path / "out"
     start = time.time()
