@@ -31,7 +31,8 @@ device=${3:-cuda}
 out=${OUT:-runs/gpu-out}
 run=runs/gpu-f48-aug
 mkdir -p "$out" "$run"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=4
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+[ "$device" = cuda ] && export OMP_NUM_THREADS=4   # the GPU machine has 16 cores; a CPU run keeps its own
 exec > >(tee -a "$out/session.log") 2>&1
 
 echo "== $(date -u) on $(hostname): $device, $minutes minutes of training"
