@@ -60,8 +60,8 @@ fi
 echo "== trained (exit $?): $(date -u)"
 tail -n 8 "$run/train.log"
 
+step=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
 for split in val report; do
-  step=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
   python classify.py --checkpoint "$run/last.pt" --data-dir "$data" --held-out "$split" \
       --device "$device" --no-progress --out "$run/${split}_step$step.csv" \
       --metrics-out "$run/${split}_step$step.json" 2>&1 | tail -n 2
