@@ -13,23 +13,27 @@
 #
 #   bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]     # DEVICE: cuda (default), or cpu to try it
 #   RESUME=path/last.pt  continue that run instead of starting one (and skip the throughput)
+#   RUN=runs/NAME        the run's folder (runs/gpu-f48-aug by default; runs/f48-aug-all is the same
+#                        recipe with the report split in training, begun on a CPU on 2026-12-04)
 #   STEPS=N              timed steps of each throughput variant (20 by default; 0 skips it)
 #   TRAIN_ARGS="..."     appended to train.py's flags when starting (e.g. a tiny network, to try it)
 #
 # Everything worth keeping goes to $OUT (the device tool's folder; runs/gpu-out elsewhere):
 # session.log, and run.tar (last.pt, metrics, logs, scores, samples) in 15 MB parts:
-#   cat run.tar.part* | tar x       # -> runs/gpu-f48-aug/...
+#   cat run.tar.part* | tar x       # -> runs/gpu-f48-aug/... (or RUN's folder)
 # Through the device tool, with the data (and the run to resume) in ignored folders, carried:
 #   cp -r ../shared/data/cpen455 data/
 #   run(command="bash bench/gpu_session.sh data/cpen455 7", carry=["data/cpen455"], timeout_s=570)
 #   run(command="RESUME=runs/gpu-f48-aug/last.pt bash bench/gpu_session.sh data/cpen455 8",
 #       carry=["data/cpen455", "runs/gpu-f48-aug/last.pt", "runs/gpu-f48-aug/metrics.jsonl"], timeout_s=570)
+#   run(command="RUN=runs/f48-aug-all RESUME=runs/f48-aug-all/last.pt bash bench/gpu_session.sh data/cpen455 8",
+#       carry=["data/cpen455", "runs/f48-aug-all/last.pt", "runs/f48-aug-all/metrics.jsonl"], timeout_s=570)
 set -uo pipefail
 data=${1:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
 minutes=${2:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
 device=${3:-cuda}
 out=${OUT:-runs/gpu-out}
-run=runs/gpu-f48-aug
+run=${RUN:-runs/gpu-f48-aug}
 mkdir -p "$out" "$run"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 [ "$device" = cuda ] && export OMP_NUM_THREADS=4   # the GPU machine has 16 cores; a CPU run keeps its own
@@ -50,7 +54,7 @@ if [ -n "${RESUME:-}" ]; then
   echo "== resuming $RESUME: $(date -u)"
   [ "$RESUME" = "$run/last.pt" ] || cp "$RESUME" "$run/last.pt"
   python train.py --resume "$run/last.pt" --out-dir "$run" --data-dir "$data" --device "$device" \
-      --max-time "${minutes}m" --progress false >>"$run/train.log" 2>&1
+      --max-time "${minutes}m" --progress false $([ "$device" = cuda ] && echo --amp false) >>"$run/train.log" 2>&1
 else
   echo "== training from scratch: $(date -u)"
   python train.py --config configs/cpen455.yaml --data-dir "$data" --device "$device" --nr-filters 48 \
@@ -62,6 +66,7 @@ tail -n 8 "$run/train.log"
 
 step=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
 for split in val report; do
+  [ -f "$run/splits/$split.csv" ] || continue   # a run with report_fraction 0 held out no report split
   python classify.py --checkpoint "$run/last.pt" --data-dir "$data" --held-out "$split" \
       --device "$device" --no-progress --out "$run/${split}_step$step.csv" \
       --metrics-out "$run/${split}_step$step.json" 2>&1 | tail -n 2
