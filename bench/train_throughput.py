@@ -3,15 +3,16 @@ matrix-multiply rate, optionally against the code of an earlier commit, all in o
 
     python bench/train_throughput.py [--configs configs/cpen455.yaml 'configs/seed.yaml:nr_filters=40,nr_resnet=1']
                                      [--variants fp32 channels_last bf16 bf16+channels_last]
-                                     [--ref 8bd68d5] [--rounds 3] [--steps 5] [--batch-size N] [--device cpu]
-                                     [--data-dir ../shared/data/cpen455]
+                                     [--ref 8bd68d5] [--ref-variants fp32 channels_last] [--rounds 3] [--steps 5]
+                                     [--batch-size N] [--device cpu] [--data-dir ../shared/data/cpen455]
 
 A config is a YAML file, optionally followed by ':key=value,...' overrides. A variant is a '+'-joined
 set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays float32), compile
 (torch.compile of the whole model), compile_blocks (torch.compile of each gated resnet only, a
 "regional" compile that fuses their elementwise work and leaves the rest eager). `--ref REF` adds
-rows for the code at git commit REF (checked out into a temporary worktree), fp32 and
-channels_last, so that a speed-up is a ratio measured in the same run.
+rows for the code at git commit REF (checked out into a temporary worktree), for the variants of
+`--ref-variants` (fp32 and channels_last by default), so that a speed-up is a ratio measured in the
+same run.
 
 Each (variant, round) runs in a fresh process: build the model, two warm-up steps, then `--steps`
 full training steps (forward, the config's loss, backward, Adam) on one batch: random images, or
@@ -203,6 +204,8 @@ def main():
     parser.add_argument("--configs", nargs="+", default=["configs/cpen455.yaml"])
     parser.add_argument("--variants", nargs="+", default=["fp32", "channels_last", "bf16", "bf16+channels_last"])
     parser.add_argument("--ref", default=None, help="also time the code of this git commit")
+    parser.add_argument("--ref-variants", nargs="+", default=["fp32", "channels_last"],
+                        help="the variants timed on the --ref code")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's batch_size")
@@ -212,7 +215,7 @@ def main():
     parser.add_argument("--batch-file", help=argparse.SUPPRESS)  # internal: the batch of --data-dir
     parser.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for variant in args.variants + ([args.one] if args.one else []):
+    for variant in args.variants + args.ref_variants + ([args.one] if args.one else []):
         unknown = set(variant.split("+")) - set(OPTIONS)
         if unknown:
             parser.error(f"variant {variant!r}: unknown option {sorted(unknown)[0]!r}; options: {', '.join(OPTIONS)}")
@@ -243,7 +246,7 @@ def main():
         rows = [(ROOT, variant, variant) for variant in args.variants]
         if args.ref:
             ref_code = stack.enter_context(worktree(args.ref))
-            rows = [(ref_code, v, f"{args.ref} {v}") for v in ("fp32", "channels_last")] + rows
+            rows = [(ref_code, v, f"{args.ref} {v}") for v in args.ref_variants] + rows
         for spec in args.configs:
             config = read_config(spec)
             model_keys = ", ".join(f"{k} {config[k]}" for k in ("nr_resnet", "nr_filters", "nr_logistic_mix"))

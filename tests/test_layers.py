@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
                     DownShiftedDeconv2d, GatedResnet, WNConv2d, WNConvTranspose2d, concat_elu, crop,
-                    data_dependent_init, dropout, elu)
+                    data_dependent_init, dropout, elu, gate)
 from model import build_model
 
 
@@ -101,6 +101,21 @@ def test_concat_elu_is_elu_of_x_and_minus_x_with_its_gradient(channels_last):
     assert torch.autograd.gradcheck(elu, (x,))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_is_x_plus_a_times_sigmoid_b_with_its_gradient(channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    h = (torch.randn(2, 6, 4, 5, dtype=torch.float64) * 3).contiguous(memory_format=layout).requires_grad_(True)
+    a, b = h.chunk(2, dim=1)
+    out = gate(x, h)
+    assert torch.allclose(out, x + a * torch.sigmoid(b), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(gate, (x, h))
+    out.backward(torch.randn_like(out))
+    assert h.grad.is_contiguous(memory_format=layout)
+    with torch.no_grad():
+        assert torch.equal(gate(x, h), out)
+
+
 def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
     x = torch.ones(8, 16, 32, 32)
     torch.manual_seed(0)
@@ -147,3 +162,13 @@ def test_gated_resnet_uses_skip_and_label():
     two = GatedResnet(4, DownShiftedConv2d, skip_channels=6)
     a, b = torch.randn(2, 2, 6, 6), torch.randn(2, 4, 6, 6)
     assert torch.allclose(two(x, a, b), two(x, torch.cat([a, b], dim=1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["bias", "film"])
+def test_label_conditioning_keeps_the_autocast_dtype(conditioning):
+    """Under bf16 autocast the label vectors (float32 parameters) must not promote the block's
+    output to float32: every later pass would then run in float32, or slower, in mixed dtypes."""
+    block = GatedResnet(4, DownShiftedConv2d, num_classes=3, conditioning=conditioning)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x, labels=torch.tensor([0, 2])).dtype == torch.bfloat16
