@@ -205,7 +205,8 @@ def dropout(x, p, training):
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
     uniforms = words.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # x's memory layout
     dropped = round(p * 2 ** 16)
-    kept = (uniforms >= dropped - 2 ** 15).view(torch.uint8)  # bool to float converts at half uint8's speed
+    # As uint8: bool converts to a float dtype at half the speed.
+    kept = (uniforms >= dropped - 2 ** 15).view(torch.uint8)
     mask = kept.to(x.dtype).mul_(2 ** 16 / (2 ** 16 - dropped))
     return x * mask
 
@@ -340,7 +341,8 @@ class Gate(torch.autograd.Function):
 
 
 def gate(x, h):
-    """x + a * sigmoid(b), where [a, b] = h split on channels: [B, C, H, W], [B, 2C, H, W] -> [B, C, H, W]."""
+    """x + a * sigmoid(b), where [a, b] = h split on channels.
+    x [B, C, H, W], h [B, 2C, H, W] -> [B, C, H, W]."""
     return Gate.apply(x, h) if needs_grad([x, h]) else gate_forward(x, h)[0]
 
 
