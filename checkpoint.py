@@ -3,16 +3,20 @@ loading with weights_only=True, rebuilding a model, a training run's state, and 
 
 A checkpoint is a plain dict of tensors and primitives, so torch.load(..., weights_only=True)
 reads it and a checkpoint from elsewhere cannot run code.
+
+As a command, it writes a train.py checkpoint without what only resuming needs, to ship it:
+    python checkpoint.py runs/big/last.pt checkpoints/big.pt
 """
 import os
 import random
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-from config import UsageError
+from config import ArgumentParser, UsageError, report
 from model import MODEL_DEFAULTS, build_model
 
 
@@ -155,6 +159,17 @@ def restore_training_state(state, model, ema, optimizer, scheduler, source):
     return Progress(**{key: state[key] for key in keys if key in state})
 
 
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "rng", "rng_per_rank")
+
+
+def for_inference(state):
+    """-> a training_state() dict without the optimizer, scheduler and RNG state: the weights (raw
+    and EMA), the config and the fitted temperature stay, so classify.py and sample.py read it as
+    they read the whole one, but --resume refuses it. Adam's two moments make the optimizer state
+    twice the size of the weights."""
+    return {key: value for key, value in state.items() if key not in RESUME_ONLY_KEYS}
+
+
 def restore_rng(state, rank, world_size):
     """Restore this process's RNG from a training_state() dict, where the run had as many
     processes (a run resumed on another number of processes keeps its fresh seeds)."""
@@ -198,3 +213,29 @@ def set_rng_state(state):
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+def main(argv=None):
+    parser = ArgumentParser(prog="checkpoint.py", description="Write a train.py checkpoint "
+                            "without its optimizer, scheduler and RNG state, to ship it: "
+                            "classify.py and sample.py read the copy, --resume does not.")
+    parser.add_argument("source", help="a train.py checkpoint (runs/NAME/last.pt or best.pt)")
+    parser.add_argument("dest", help="the file to write (atomically)")
+    args = parser.parse_args(argv)
+    try:
+        state = load_checkpoint(args.source)
+        if os.path.exists(args.dest) and os.path.samefile(args.source, args.dest):
+            raise UsageError(f"{args.dest} is the source checkpoint: write the copy elsewhere")
+        save_checkpoint(args.dest, for_inference(state))
+    except UsageError as err:  # also CheckpointError
+        return report("checkpoint.py", err)
+    print(f"checkpoint.py: wrote {args.dest} ({os.path.getsize(args.dest) / 2 ** 20:.1f} MiB; "
+          f"{args.source}: {os.path.getsize(args.source) / 2 ** 20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

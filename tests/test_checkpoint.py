@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from checkpoint import (CheckpointError, atomic_write, load_checkpoint, model_from_checkpoint,
-                        remove_cut_short_writes, save_checkpoint)
+from checkpoint import (CheckpointError, Progress, atomic_write, for_inference, load_checkpoint,
+                        model_from_checkpoint, remove_cut_short_writes, restore_training_state,
+                        rng_state, save_checkpoint, training_state)
 from classify import score_images
 from conftest import randomize_label_parameters
 from dataset import item_paths, read_split_csv, split_train_val
@@ -91,6 +92,54 @@ def test_model_from_checkpoint_prefers_ema(tmp_path):
     x, y = torch.zeros(1, 3, 8, 8), torch.tensor([1])
     assert torch.equal(model_from_checkpoint(state)(x, y), ema.eval()(x, y))
     assert torch.equal(model_from_checkpoint(state, weights="model")(x, y), model.eval()(x, y))
+
+
+def tiny_training_state():
+    """-> (the model, a training_state() dict after one Adam step, with a fitted temperature)."""
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.99)
+    model(torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([0, 1])).sum().backward()
+    optimizer.step()
+    ema.update_parameters(model)
+    config = {**TINY, "best_metric": "val_bpd"}
+    progress = Progress(epoch=1, step=1, temperature=7.5)
+    return model, training_state(model, ema, optimizer, scheduler, config, progress, rng_state(), None, 1)
+
+
+def test_a_checkpoint_for_inference_drops_what_only_resuming_needs(tmp_path):
+    model, state = tiny_training_state()
+    save_checkpoint(tmp_path / "last.pt", state)
+    save_checkpoint(tmp_path / "shipped.pt", for_inference(state))
+    shipped = load_checkpoint(tmp_path / "shipped.pt")
+    assert os.path.getsize(tmp_path / "shipped.pt") < 0.6 * os.path.getsize(tmp_path / "last.pt")
+    assert shipped["temperature"] == 7.5 and shipped["config"] == state["config"]
+    x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([2, 0])
+    for weights in ("ema", "model"):
+        assert torch.equal(model_from_checkpoint(shipped, weights)(x, y),
+                           model_from_checkpoint(state, weights)(x, y))
+    with pytest.raises(CheckpointError, match="cannot resume from it.*'optimizer'.*classify/sample"):
+        restore_training_state(shipped, model, None, None, None, "shipped.pt")
+
+
+def test_the_checkpoint_command_writes_the_copy_and_refuses_to_overwrite_its_source(tmp_path):
+    _, state = tiny_training_state()
+    save_checkpoint(tmp_path / "last.pt", state)
+
+    def run(*argv):
+        return subprocess.run([sys.executable, os.path.join(REPO, "checkpoint.py"), *map(str, argv)],
+                              capture_output=True, text=True, timeout=120)
+    done = run(tmp_path / "last.pt", tmp_path / "out" / "shipped.pt")
+    assert done.returncode == 0 and "wrote" in done.stdout
+    assert "optimizer" not in load_checkpoint(tmp_path / "out" / "shipped.pt")
+    for argv, error in [((tmp_path / "last.pt", tmp_path / "last.pt"), "is the source checkpoint"),
+                        ((tmp_path / "none.pt", tmp_path / "x.pt"), "checkpoint not found")]:
+        refused = run(*argv)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+        assert error in refused.stderr
+    assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
 
 
 @pytest.mark.parametrize("name", ["demo.pt", "cpen455.pt"])
