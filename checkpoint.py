@@ -6,6 +6,7 @@ reads it and a checkpoint from elsewhere cannot run code.
 
 As a command, it writes a train.py checkpoint without what only resuming needs, to ship it:
     python checkpoint.py runs/big/last.pt checkpoints/big.pt
+    python checkpoint.py runs/final/last.pt checkpoints/big.pt --calibration-from runs/big/last.pt
 """
 import os
 import random
@@ -170,6 +171,16 @@ def for_inference(state):
     return {key: value for key, value in state.items() if key not in RESUME_ONLY_KEYS}
 
 
+def with_calibration_from(state, other, other_path):
+    """-> `state` with the temperature and fitted prior of `other`, a checkpoint of the same model."""
+    if other.get("temperature") is None:
+        raise CheckpointError(f"{other_path}: it has no fitted temperature to take")
+    if other["config"]["num_classes"] != state["config"]["num_classes"]:
+        raise CheckpointError(f"{other_path}: {other['config']['num_classes']} classes, where the "
+                              f"model has {state['config']['num_classes']}")
+    return {**state, "temperature": other["temperature"], "fitted_prior": other.get("fitted_prior")}
+
+
 def restore_rng(state, rank, world_size):
     """Restore this process's RNG from a training_state() dict, where the run had as many
     processes (a run resumed on another number of processes keeps its fresh seeds)."""
@@ -224,11 +235,17 @@ def main(argv=None):
                             "classify.py and sample.py read the copy, --resume does not.")
     parser.add_argument("source", help="a train.py checkpoint (runs/NAME/last.pt or best.pt)")
     parser.add_argument("dest", help="the file to write (atomically)")
+    parser.add_argument("--calibration-from", default=None, metavar="CHECKPOINT",
+                        help="take the temperature and the fitted prior from this checkpoint instead: "
+                             "for a final model that trained on its validation images, the ones "
+                             "fitted on them while they were still held out")
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.source)
         if os.path.exists(args.dest) and os.path.samefile(args.source, args.dest):
             raise UsageError(f"{args.dest} is the source checkpoint: write the copy elsewhere")
+        if args.calibration_from is not None:
+            state = with_calibration_from(state, load_checkpoint(args.calibration_from), args.calibration_from)
         save_checkpoint(args.dest, for_inference(state))
     except UsageError as err:  # also CheckpointError
         return report("checkpoint.py", err)

@@ -308,7 +308,11 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
         raise UsageError(f"--held-out {which}: the run of {checkpoints[0]} held out no {which} images "
                          f"(its {which}_fraction is 0)")
     items = root_relative(data_dir, csv_path, chosen)
-    return items, item_paths(data_dir, None, items), f"the {which} split of {checkpoints[0]}'s run"
+    source = f"the {which} split of {checkpoints[0]}'s run"
+    trained_on = {**DEFAULTS, **run_configs[0]}["train_on_held_out"]
+    if which in trained_on.split("+"):
+        source += f", which it also trained on (train_on_held_out {trained_on}): training figures"
+    return items, item_paths(data_dir, None, items), source
 
 
 def csv_text(ids, predictions, log_likelihoods, posteriors):

@@ -61,6 +61,9 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("report_fraction", float, 0.0, "share of the rest held out of training and of every choice, "
         "to report on (<out_dir>/splits/report.csv)", "[0, 1)"),
     Key("report_seed", int, 1, "seeds the report split (the validation split uses seed)"),
+    Key("train_on_held_out", str, "none", "a final model, once the recipe is fixed: the validation "
+        "images also train, or those and the report split's (their figures are then training figures)",
+        choices=("none", "val", "val+report")),
     Key("num_workers", int, 0, "DataLoader workers", "[0, inf)"),
     Key("hflip", bool, False, "mirror each training image left-right with probability 1/2"),
     Key("shift", int, 0, "translate each training image by up to this many pixels along each axis "

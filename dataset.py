@@ -34,9 +34,10 @@ split_items(root, train_split, val_split, val_fraction, seed, num_classes=None, 
     val is <root>/<val_split>.csv where it exists, else a split_train_val of the training CSV;
     the report split, a split_train_val of the rest, is held out of training and of every choice.
 load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
-               progress=None, report_fraction=0.0, report_seed=1)
+               progress=None, report_fraction=0.0, report_seed=1, train_on_held_out="none")
     -> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, source)
-    the splits of split_items; the held-out items have ids relative to root.
+    the splits of split_items; the held-out items have ids relative to root. train_on_held_out
+    "val" or "val+report" also trains on those (a final model, once the recipe is fixed).
 make_demo_dataset(root, seed=0, n_per_class=..., n_val_per_class=..., n_test_per_class=...,
                   image_size=32) -> root  the procedural demo set in the CPEN455 layout (PNG):
     root/train.csv + root/train/, root/val.csv + root/val/ (labelled), root/test.csv + root/test/
@@ -301,10 +302,12 @@ def split_items(root, train_split, val_split, val_fraction, seed, num_classes=No
 
 
 def load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,
-                   progress=None, report_fraction=0.0, report_seed=1):
+                   progress=None, report_fraction=0.0, report_seed=1, train_on_held_out="none"):
     """-> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, where
     val came from): the splits of split_items, with the images of the first two; of the report
-    split only its (id, label) items, for classify.py."""
+    split only its (id, label) items, for classify.py. train_on_held_out ("none", "val", "val+report") adds
+    the validation images, or those and the report split's, to the training images: the splits
+    stay the same, so that a final model is scored on the images it was held out from no longer."""
     train_items, val_items, report_items, val_csv = split_items(
         root, train_split, val_split, val_fraction, seed, num_classes, report_fraction, report_seed)
     train_csv = split_csv_path(root, train_split)
@@ -314,7 +317,13 @@ def load_train_val(root, train_split, val_split, val_fraction, seed, image_size,
     def labelled_images(csv_path, items):
         images = load_images(item_paths(root, csv_path, items), image_size, progress)
         return LabelledImages(images, [label for _, label in items])
-    train = labelled_images(train_csv, train_items)
+    trained_on = [(train_csv, train_items)]
+    if train_on_held_out in ("val", "val+report"):
+        trained_on.append((val_csv, val_items))
+    if train_on_held_out == "val+report":
+        trained_on.append((train_csv, report_items))
+    parts = [labelled_images(csv_path, items) for csv_path, items in trained_on if items]
+    train = LabelledImages(torch.cat([part.images for part in parts]), torch.cat([part.labels for part in parts]))
     val = labelled_images(val_csv, val_items) if val_items else None
     source = f"{val_fraction:g} of {train_split}.csv" if val_csv == train_csv else f"{val_split}.csv"
     held_out = {"val": root_relative(root, val_csv, val_items),

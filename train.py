@@ -74,9 +74,13 @@ def load_data(config, is_main):
     train, val, held_out, source = dataset.load_train_val(
         root, config["train_split"], config["val_split"], config["val_fraction"], config["seed"],
         config["image_size"], config["num_classes"] or None, progress=None if is_main and config["progress"] else False,
-        report_fraction=config["report_fraction"], report_seed=config["report_seed"])
+        report_fraction=config["report_fraction"], report_seed=config["report_seed"],
+        train_on_held_out=config["train_on_held_out"])
     description = (f"{len(train)} training images, {len(val) if val else 0} validation images ({source}), "
                    f"{len(held_out['report'])} held out to report on")
+    if config["train_on_held_out"] != "none":
+        description += (f" (train_on_held_out {config['train_on_held_out']}: they train too, so their "
+                        f"figures, best.pt and the temperature are training figures)")
     return train, val, held_out, description
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint import main as checkpoint_main
 from checkpoint import (CheckpointError, Progress, atomic_write, for_inference, load_checkpoint,
                         model_from_checkpoint, remove_cut_short_writes, restore_training_state,
                         rng_state, save_checkpoint, training_state)
@@ -140,6 +141,24 @@ def test_the_checkpoint_command_writes_the_copy_and_refuses_to_overwrite_its_sou
         assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
         assert error in refused.stderr
     assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
+
+
+def test_the_checkpoint_command_can_take_the_calibration_of_another_checkpoint(tmp_path):
+    """A final model that trained on its validation images ships with the temperature and prior
+    fitted on them while they were held out."""
+    _, state = tiny_training_state()
+    save_checkpoint(tmp_path / "final.pt", {**state, "temperature": 2.0, "fitted_prior": None})
+    prior = {"temperature": 7.0, "log_prior": [-1.0, -2.0, -1.5, -1.2]}
+    save_checkpoint(tmp_path / "held_out.pt", {**state, "fitted_prior": prior})
+    save_checkpoint(tmp_path / "uncalibrated.pt", {**state, "temperature": None})
+    assert checkpoint_main([str(tmp_path / "final.pt"), str(tmp_path / "shipped.pt"),
+                            "--calibration-from", str(tmp_path / "held_out.pt")]) == 0
+    shipped = load_checkpoint(tmp_path / "shipped.pt")
+    assert shipped["temperature"] == 7.5 and shipped["fitted_prior"] == prior
+    assert all(torch.equal(shipped["ema"][name], weights) for name, weights in state["ema"].items())
+    assert checkpoint_main([str(tmp_path / "final.pt"), str(tmp_path / "x.pt"),
+                            "--calibration-from", str(tmp_path / "uncalibrated.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
 
 
 @pytest.mark.parametrize("name", ["demo.pt", "cpen455.pt"])

@@ -377,6 +377,17 @@ def test_held_out_scores_what_the_training_run_held_out(tmp_path, capsys):
         assert len(csv_ids(tmp_path / "held.csv")) == n + 1  # and the header
         assert (tmp_path / "held.csv").read_bytes() == (tmp_path / "listed.csv").read_bytes()
 
+    # A final model that also trained on the validation images is scored on the same images, and
+    # the figures say that they are training figures there (and only there).
+    assert train.main(["--resume", str(run / "last.pt"), "--out-dir", str(tmp_path / "final"), "--epochs", "2",
+                       "--train-on-held-out", "val"]) == 0
+    capsys.readouterr()
+    for which, trained_on in (("val", True), ("report", False)):
+        rc, out, _ = run_main(capsys, "--checkpoint", tmp_path / "final" / "last.pt", "--data-dir", data,
+                              "--held-out", which, "--out", tmp_path / "final.csv")
+        assert rc == 0 and ("which it also trained on" in out) == trained_on
+        assert csv_ids(tmp_path / "final.csv")[1:] == csv_ids(run / "splits" / f"{which}.csv")
+
 
 def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
     path = tmp_path / "uncond.pt"

@@ -153,6 +153,24 @@ def test_train_val_and_report_splits_partition_the_training_csv(tmp_path):
     assert again[2] == held_out and torch.equal(again[0].images, train.images)
 
 
+def test_a_final_model_trains_on_held_out_images_but_the_splits_stay_the_same(tmp_path):
+    root = str(tmp_path / "data")
+    names = [f"{i:02d}.png" for i in range(24)]
+    for i, name in enumerate(names):
+        write_png(os.path.join(root, "train", name), color=(10 * i, 0, 0))
+    with open(os.path.join(root, "train.csv"), "w") as f:
+        f.write("".join(f"{name},{i % 2}\n" for i, name in enumerate(names)))
+    kwargs = dict(progress=False, report_fraction=0.25, report_seed=1)
+    train, val, held_out, _ = ds.load_train_val(root, "train", "val", 0.25, 0, 8, 2, **kwargs)
+    for trained_on, extra in (("val", 6), ("val+report", 10)):
+        final = ds.load_train_val(root, "train", "val", 0.25, 0, 8, 2, train_on_held_out=trained_on, **kwargs)
+        assert final[2] == held_out and torch.equal(final[1].images, val.images)
+        assert len(final[0]) == len(train) + extra and torch.equal(final[0].images[:len(train)], train.images)
+        assert final[0].labels.tolist()[len(train):len(train) + 6] == val.labels.tolist()
+    every = sorted(map(tuple, final[0].images.flatten(1).tolist()))
+    assert len(every) == len(names) and len(set(every)) == len(names)  # each image once
+
+
 def test_demo_dataset_deterministic_and_readable(tmp_path):
     kwargs = dict(seed=5, n_per_class=3, n_val_per_class=2, n_test_per_class=1, image_size=16)
     a = ds.make_demo_dataset(str(tmp_path / "a"), **kwargs)
