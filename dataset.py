@@ -305,9 +305,9 @@ def load_train_val(root, train_split, val_split, val_fraction, seed, image_size,
                    progress=None, report_fraction=0.0, report_seed=1, train_on_held_out="none"):
     """-> (train LabelledImages, val LabelledImages or None, {"val": items, "report": items}, where
     val came from): the splits of split_items, with the images of the first two; of the report
-    split only its (id, label) items, for classify.py. train_on_held_out ("none", "val", "val+report") adds
-    the validation images, or those and the report split's, to the training images: the splits
-    stay the same, so that a final model is scored on the images it was held out from no longer."""
+    split only its (id, label) items, for classify.py. train_on_held_out ("none", "val" or
+    "val+report") adds the validation images, or those and the report split's, to the training
+    images; the splits stay the same, so classify.py --held-out still finds them."""
     train_items, val_items, report_items, val_csv = split_items(
         root, train_split, val_split, val_fraction, seed, num_classes, report_fraction, report_seed)
     train_csv = split_csv_path(root, train_split)
@@ -323,7 +323,8 @@ def load_train_val(root, train_split, val_split, val_fraction, seed, image_size,
     if train_on_held_out == "val+report":
         trained_on.append((train_csv, report_items))
     parts = [labelled_images(csv_path, items) for csv_path, items in trained_on if items]
-    train = LabelledImages(torch.cat([part.images for part in parts]), torch.cat([part.labels for part in parts]))
+    train = LabelledImages(torch.cat([part.images for part in parts]),
+                           torch.cat([part.labels for part in parts]))
     val = labelled_images(val_csv, val_items) if val_items else None
     source = f"{val_fraction:g} of {train_split}.csv" if val_csv == train_csv else f"{val_split}.csv"
     held_out = {"val": root_relative(root, val_csv, val_items),

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from checkpoint import main as checkpoint_main
 from checkpoint import (CheckpointError, Progress, atomic_write, for_inference, load_checkpoint,
                         model_from_checkpoint, remove_cut_short_writes, restore_training_state,
                         rng_state, save_checkpoint, training_state)
+from checkpoint import main as checkpoint_main
 from classify import score_images
 from conftest import randomize_label_parameters
 from dataset import item_paths, read_split_csv, split_train_val

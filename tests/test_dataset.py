@@ -167,7 +167,7 @@ def test_a_final_model_trains_on_held_out_images_but_the_splits_stay_the_same(tm
         assert final[2] == held_out and torch.equal(final[1].images, val.images)
         assert len(final[0]) == len(train) + extra and torch.equal(final[0].images[:len(train)], train.images)
         assert final[0].labels.tolist()[len(train):len(train) + 6] == val.labels.tolist()
-    every = sorted(map(tuple, final[0].images.flatten(1).tolist()))
+    every = sorted(map(tuple, final[0].images.flatten(1).tolist()))  # val+report: all of train.csv
     assert len(every) == len(names) and len(set(every)) == len(names)  # each image once
 
 
