@@ -58,7 +58,8 @@ if [ -n "${RESUME:-}" ]; then
 else
   echo "== training from scratch: $(date -u)"
   python train.py --config configs/cpen455.yaml --data-dir "$data" --device "$device" --nr-filters 48 \
-      --shift 2 --hflip --lr-decay 0.9998 --epochs 220 --amp false --max-time "${minutes}m" --progress false \
+      --shift 2 --hflip --lr-decay 0.9998 --epochs 220 --amp false --channels-last false \
+      --max-time "${minutes}m" --progress false \
       --out-dir "$run" --overwrite ${TRAIN_ARGS:-} >>"$run/train.log" 2>&1
 fi
 echo "== trained (exit $?): $(date -u)"
