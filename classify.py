@@ -63,7 +63,7 @@ from tqdm import tqdm
 import utils
 from checkpoint import atomic_write, load_model
 from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
-                    join_processes, leave_processes, report, speed_up_cpu)
+                    join_processes, leave_processes, report, speed_up_cpu, validation_seed)
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, root_relative, split_csv_path, split_items, to_model_input)
 
@@ -293,7 +293,8 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
     """(items with ids relative to data_dir, file paths, a description) of the `which` ("val" or
     "report") images that the checkpoints' training run held out, from its stored split keys."""
     # Keys a checkpoint predates take their defaults, which are what that code did (no report split).
-    splits = [{key: {**DEFAULTS, **config}[key] for key in SPLIT_KEYS} for config in run_configs]
+    splits = [{**{key: {**DEFAULTS, **config}[key] for key in SPLIT_KEYS}, "seed": validation_seed(config)}
+              for config in run_configs]
     for path, split in zip(checkpoints, splits):
         if split != splits[0]:
             raise UsageError(f"--held-out: {checkpoints[0]} and {path} held out different images; "

@@ -60,7 +60,9 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("val_fraction", float, 0.1, "share of the training CSV held out when there is no val CSV", "[0, 1)"),
     Key("report_fraction", float, 0.0, "share of the rest held out of training and of every choice, "
         "to report on (<out_dir>/splits/report.csv)", "[0, 1)"),
-    Key("report_seed", int, 1, "seeds the report split (the validation split uses seed)"),
+    Key("report_seed", int, 1, "seeds the report split (the validation split uses split_seed)"),
+    Key("split_seed", int, None, "seeds the validation split; null: seed (so runs of other seeds can "
+        "hold out the same images, for classify.py with several checkpoints)", nullable=True),
     Key("train_on_held_out", str, "none", "a final model, once the recipe is fixed: the validation "
         "images also train, or those and the report split's (their figures are then training figures)",
         choices=("none", "val", "val+report")),
@@ -103,6 +105,12 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
 ]
 KEY_BY_NAME = {key.name: key for key in KEYS}
 DEFAULTS = {key.name: key.default for key in KEYS}
+
+
+def validation_seed(config):
+    """The seed of a run's validation split: split_seed, or seed where it is null (or predates it)."""
+    split_seed = config.get("split_seed")
+    return config["seed"] if split_seed is None else split_seed
 
 
 def coerce(name, value):

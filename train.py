@@ -31,7 +31,7 @@ from checkpoint import (Progress, atomic_write, load_checkpoint, remove_cut_shor
                         training_state)
 from config import (DEFAULTS, UsageError, join_processes, leave_processes, merge_on_resume, native_bf16,
                     parse_duration, parse_training_args, report, resume_path, speed_up_cpu,
-                    training_parser, validate_config)
+                    training_parser, validate_config, validation_seed)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
@@ -72,7 +72,7 @@ def load_data(config, is_main):
     if not os.path.isdir(root):
         raise dataset.DataError(f"data directory not found: {root}")
     train, val, held_out, source = dataset.load_train_val(
-        root, config["train_split"], config["val_split"], config["val_fraction"], config["seed"],
+        root, config["train_split"], config["val_split"], config["val_fraction"], validation_seed(config),
         config["image_size"], config["num_classes"] or None, progress=None if is_main and config["progress"] else False,
         report_fraction=config["report_fraction"], report_seed=config["report_seed"],
         train_on_held_out=config["train_on_held_out"])

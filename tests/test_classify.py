@@ -377,6 +377,25 @@ def test_held_out_scores_what_the_training_run_held_out(tmp_path, capsys):
         assert len(csv_ids(tmp_path / "held.csv")) == n + 1  # and the header
         assert (tmp_path / "held.csv").read_bytes() == (tmp_path / "listed.csv").read_bytes()
 
+    # Another seed with the run's split_seed holds out the same images, so the two score them together
+    # as a product of experts; another seed alone holds out other images, and is refused.
+    base = ["--nr-resnet", "1", "--nr-filters", "8", "--nr-logistic-mix", "2", "--image-size", "8", "--batch-size", "8",
+            "--samples-per-class", "0", "--wandb", "disabled", "--epochs", "1", "--data-dir", data,
+            "--val-split", "nosuch", "--val-fraction", "0.25", "--report-fraction", "0.25", "--seed", "4"]
+    assert train.main(base + ["--out-dir", str(tmp_path / "twin"), "--split-seed", "3"]) == 0
+    assert train.main(base + ["--out-dir", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    for which in ("val", "report"):
+        assert (tmp_path / "twin" / "splits" / f"{which}.csv").read_bytes() == \
+            (run / "splits" / f"{which}.csv").read_bytes()
+    assert (tmp_path / "other" / "splits" / "val.csv").read_bytes() != (run / "splits" / "val.csv").read_bytes()
+    rc, out, _ = run_main(capsys, "--checkpoint", run / "last.pt", tmp_path / "twin" / "last.pt", "--data-dir", data,
+                          "--held-out", "report", "--out", tmp_path / "experts.csv")
+    assert rc == 0 and "2 experts" in out
+    rc, _, err = run_main(capsys, "--checkpoint", run / "last.pt", tmp_path / "other" / "last.pt", "--data-dir", data,
+                          "--held-out", "report", "--out", tmp_path / "refused.csv")
+    assert rc == 2 and "held out different images" in err
+
     # A final model that also trained on the validation images is scored on the same images, and
     # the figures say that they are training figures there (and only there).
     assert train.main(["--resume", str(run / "last.pt"), "--out-dir", str(tmp_path / "final"), "--epochs", "2",
