@@ -293,8 +293,8 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
     """(items with ids relative to data_dir, file paths, a description) of the `which` ("val" or
     "report") images that the checkpoints' training run held out, from its stored split keys."""
     # Keys a checkpoint predates take their defaults, which are what that code did (no report split).
-    splits = [{**{key: {**DEFAULTS, **config}[key] for key in SPLIT_KEYS}, "seed": validation_seed(config)}
-              for config in run_configs]
+    configs = [{**DEFAULTS, **config} for config in run_configs]
+    splits = [{**{key: config[key] for key in SPLIT_KEYS}, "seed": validation_seed(config)} for config in configs]
     for path, split in zip(checkpoints, splits):
         if split != splits[0]:
             raise UsageError(f"--held-out: {checkpoints[0]} and {path} held out different images; "
@@ -310,7 +310,7 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
                          f"(its {which}_fraction is 0)")
     items = root_relative(data_dir, csv_path, chosen)
     source = f"the {which} split of {checkpoints[0]}'s run"
-    trained_on = {**DEFAULTS, **run_configs[0]}["train_on_held_out"]
+    trained_on = configs[0]["train_on_held_out"]
     if which in trained_on.split("+"):
         source += f", which it also trained on (train_on_held_out {trained_on}): training figures"
     return items, item_paths(data_dir, None, items), source
