@@ -11,6 +11,7 @@ from checkpoint import (CheckpointError, Progress, atomic_write, for_inference, 
                         rng_state, save_checkpoint, training_state)
 from checkpoint import main as checkpoint_main
 from classify import score_images
+from config import validation_seed
 from conftest import randomize_label_parameters
 from dataset import item_paths, read_split_csv, split_train_val
 from model import build_model
@@ -177,7 +178,7 @@ def test_the_shipped_cpen455_model_classifies_real_images_it_never_trained_on():
     state = load_checkpoint(os.path.join(REPO, "checkpoints", "cpen455.pt"))
     c = state["config"]
     items = read_split_csv(REAL_ROOT, csv_path, 4, allow_unknown=False)
-    items = split_train_val(items, c["val_fraction"], c["seed"])[1][:8]  # its validation images
+    items = split_train_val(items, c["val_fraction"], validation_seed(c))[1][:8]  # its validation images
     model = model_from_checkpoint(state).eval()
     log_likelihoods, _ = score_images(model, item_paths(REAL_ROOT, csv_path, items), 4, 8, "cpu", progress=False)
     correct = sum(int(ll.argmax() == label) for ll, (_, label) in zip(log_likelihoods, items))
