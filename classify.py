@@ -69,7 +69,7 @@ from dataset import (DataError, class_name, item_paths, list_image_folder, load_
 
 PROG = "classify.py"
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # CSVs that mark a CPEN455 root
-SPLIT_KEYS = ("train_split", "val_split", "val_fraction", "seed", "report_fraction", "report_seed")
+SPLIT_KEYS = ("train_split", "val_split", "val_fraction", "report_fraction", "report_seed")  # + validation_seed
 CALIBRATION_BINS = 15
 
 
@@ -294,7 +294,8 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
     "report") images that the checkpoints' training run held out, from its stored split keys."""
     # Keys a checkpoint predates take their defaults, which are what that code did (no report split).
     configs = [{**DEFAULTS, **config} for config in run_configs]
-    splits = [{**{key: config[key] for key in SPLIT_KEYS}, "seed": validation_seed(config)} for config in configs]
+    splits = [{**{key: config[key] for key in SPLIT_KEYS}, "seed": validation_seed(config)}
+              for config in configs]
     for path, split in zip(checkpoints, splits):
         if split != splits[0]:
             raise UsageError(f"--held-out: {checkpoints[0]} and {path} held out different images; "

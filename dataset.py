@@ -317,11 +317,9 @@ def load_train_val(root, train_split, val_split, val_fraction, seed, image_size,
     def labelled_images(csv_path, items):
         images = load_images(item_paths(root, csv_path, items), image_size, progress)
         return LabelledImages(images, [label for _, label in items])
-    trained_on = [(train_csv, train_items)]
-    if train_on_held_out in ("val", "val+report"):
-        trained_on.append((val_csv, val_items))
-    if train_on_held_out == "val+report":
-        trained_on.append((train_csv, report_items))
+    held = {"val": (val_csv, val_items), "report": (train_csv, report_items)}
+    also = [held[name] for name in train_on_held_out.split("+") if name in held]  # "none": nothing
+    trained_on = [(train_csv, train_items)] + also
     parts = [labelled_images(csv_path, items) for csv_path, items in trained_on if items]
     train = LabelledImages(torch.cat([part.images for part in parts]),
                            torch.cat([part.labels for part in parts]))
