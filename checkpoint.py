@@ -171,6 +171,15 @@ def for_inference(state):
     return {key: value for key, value in state.items() if key not in RESUME_ONLY_KEYS}
 
 
+def averaged_only(state):
+    """-> `state` with the EMA weights as its only weights (under "model", "ema" dropped): what
+    classify.py and sample.py use, in half the size. Where there is no EMA, the raw weights stay."""
+    if state.get("ema") is None:
+        return state
+    return {**{key: value for key, value in state.items() if key not in ("ema", "ema_n_averaged")},
+            "model": state["ema"]}
+
+
 def with_calibration_from(state, other, other_path):
     """-> `state` with the temperature and fitted prior of `other`, a checkpoint of the same model."""
     if other.get("temperature") is None:
@@ -239,6 +248,9 @@ def main(argv=None):
                         help="take the temperature and the fitted prior from this checkpoint instead: "
                              "for a final model that trained on its validation images, the ones "
                              "fitted on them while they were still held out")
+    parser.add_argument("--averaged-only", action="store_true",
+                        help="keep only the averaged (EMA) weights, the ones classify.py and sample.py "
+                             "use: half the size again (for two or more experts under a size limit)")
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.source)
@@ -246,7 +258,8 @@ def main(argv=None):
             raise UsageError(f"{args.dest} is the source checkpoint: write the copy elsewhere")
         if args.calibration_from is not None:
             state = with_calibration_from(state, load_checkpoint(args.calibration_from), args.calibration_from)
-        save_checkpoint(args.dest, for_inference(state))
+        state = for_inference(state)
+        save_checkpoint(args.dest, averaged_only(state) if args.averaged_only else state)
     except UsageError as err:  # also CheckpointError
         return report("checkpoint.py", err)
     print(f"checkpoint.py: wrote {args.dest} ({os.path.getsize(args.dest) / 2 ** 20:.1f} MiB; "

@@ -144,6 +144,22 @@ def test_the_checkpoint_command_writes_the_copy_and_refuses_to_overwrite_its_sou
     assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
 
 
+def test_an_averaged_only_copy_keeps_the_weights_that_classify_and_sample_use_at_half_the_size(tmp_path):
+    _, state = tiny_training_state()
+    # Raw weights apart from their average (after one step the average is a copy of them).
+    state["model"] = {name: weights + 0.01 for name, weights in state["model"].items()}
+    save_checkpoint(tmp_path / "last.pt", state)
+    assert checkpoint_main([str(tmp_path / "last.pt"), str(tmp_path / "both.pt")]) == 0
+    assert checkpoint_main([str(tmp_path / "last.pt"), str(tmp_path / "ema.pt"), "--averaged-only"]) == 0
+    both, averaged = load_checkpoint(tmp_path / "both.pt"), load_checkpoint(tmp_path / "ema.pt")
+    assert "ema" not in averaged and averaged["temperature"] == both["temperature"]
+    assert os.path.getsize(tmp_path / "ema.pt") < 0.6 * os.path.getsize(tmp_path / "both.pt")
+    x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([2, 0])
+    assert not torch.equal(model_from_checkpoint(both, "model")(x, y), model_from_checkpoint(both, "ema")(x, y))
+    for weights in ("ema", "model"):  # either way, the averaged weights
+        assert torch.equal(model_from_checkpoint(averaged, weights)(x, y), model_from_checkpoint(both, "ema")(x, y))
+
+
 def test_the_checkpoint_command_can_take_the_calibration_of_another_checkpoint(tmp_path):
     """A final model that trained on its validation images ships with the temperature and prior
     fitted on them while they were held out."""
