@@ -91,3 +91,14 @@ def test_train_throughput_says_when_a_data_dir_has_too_few_images_for_a_batch(tm
     out = subprocess.run([sys.executable, "bench/train_throughput.py", "--variants", "fp32",
                           "--data-dir", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 1 and "data directory not found" in out.stderr.strip().splitlines()[-1]
+
+
+def test_step_profile_accounts_for_the_step_operator_by_operator():
+    out = bench("step_profile.py", "--config", f"configs/demo.yaml:{TINY}", "--steps", "1", "--batch-size", "2")
+    rows = [line.strip("| ").split(" | ") for line in out.split("|---|---|---|---|---|\n")[1].splitlines()]
+    operators, shares = [row[0] for row in rows], [float(row[3].rstrip("%")) for row in rows]
+    assert "convolution.default" in operators and "convolution_backward.default" in operators
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
+    by_shape = bench("step_profile.py", "--config", f"configs/demo.yaml:{TINY}", "--steps", "1",
+                     "--batch-size", "2", "--by-shape", "--rows", "3")
+    assert "convolution.default [2, " in by_shape and "convolutions (forward and backward) 0.0 ms" not in by_shape
