@@ -13,7 +13,6 @@ is counted into the operators it preempts.
 """
 import argparse
 import collections
-import os
 import statistics
 import sys
 import time
