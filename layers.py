@@ -193,21 +193,24 @@ def dropout(x, p, training):
     """Elementwise dropout with the statistics of F.dropout, at a sixth of its cost on a CPU.
 
     F.dropout draws one random number per element (bernoulli_, a fifth of a CPU training step);
-    here each 64-bit draw of the global generator gives four 16-bit uniforms, and an element is
-    dropped when its uniform falls below p (p rounded to a multiple of 2^-16; kept ones are
-    scaled by 1 / (1 - that p)).
+    here each 64-bit draw of the global generator gives eight 8-bit uniforms where p is a multiple
+    of 1/256 (0.5 is), else four 16-bit ones, and an element is dropped when its uniform falls
+    below p (p rounded to a multiple of 2^-16; kept ones are scaled by 1 / (1 - that p)).
     """
     if not training or p == 0:
         return x
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-    uniforms = words.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # x's memory layout
-    dropped = round(p * 2 ** 16)
+    bits = 8 if (p * 2 ** 8).is_integer() else 16  # the random draws are half the cost at 8
+    per_word, n = 64 // bits, x.numel()
+    words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64, device=x.device)
+    words.random_(-2 ** 63, None)
+    signed = torch.int8 if bits == 8 else torch.int16
+    uniforms = words.view(signed)[:n].as_strided(x.shape, x.stride())  # x's memory layout
+    dropped = round(p * 2 ** bits)
     # As uint8: bool converts to a float dtype at half the speed.
-    kept = (uniforms >= dropped - 2 ** 15).view(torch.uint8)
-    mask = kept.to(x.dtype).mul_(2 ** 16 / (2 ** 16 - dropped))
+    kept = (uniforms >= dropped - 2 ** (bits - 1)).view(torch.uint8)
+    mask = kept.to(x.dtype).mul_(2 ** bits / (2 ** bits - dropped))
     return x * mask
 
 

@@ -116,22 +116,23 @@ def test_gate_is_x_plus_a_times_sigmoid_b_with_its_gradient(channels_last):
         assert torch.equal(gate(x, h), out)
 
 
-def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
+@pytest.mark.parametrize("p", [0.3, 0.5])  # four 16-bit uniforms per 64-bit draw; eight 8-bit ones
+def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales(p):
     x = torch.ones(8, 16, 32, 32)
     torch.manual_seed(0)
-    out = dropout(x, 0.3, training=True)
+    out = dropout(x, p, training=True)
     kept = out != 0
-    assert abs(kept.float().mean().item() - 0.7) < 0.005       # 131,072 draws: 0.0013 std
-    assert torch.allclose(out[kept], torch.tensor(1 / 0.7), rtol=1e-4)  # p on a 2^-16 grid
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005   # 131,072 draws: 0.0014 std at most
+    assert torch.allclose(out[kept], torch.tensor(1 / (1 - p)), rtol=1e-4)  # p on a 2^-16 grid
     assert abs(out.mean().item() - 1.0) < 0.01                 # unbiased
     # Neighbours (which share one 64-bit draw) are independent, and no channel or row is favoured.
     pairs = kept.flatten()[:-1:2].float(), kept.flatten()[1::2].float()
-    assert abs((pairs[0] * pairs[1]).mean().item() - 0.49) < 0.01
-    assert kept.float().mean(dim=(0, 2, 3)).sub(0.7).abs().max() < 0.03
+    assert abs((pairs[0] * pairs[1]).mean().item() - (1 - p) ** 2) < 0.01
+    assert kept.float().mean(dim=(0, 2, 3)).sub(1 - p).abs().max() < 0.03
     # The global generator draws the mask: a seed reproduces it; eval mode and p = 0 change nothing.
     torch.manual_seed(0)
-    assert torch.equal(dropout(x, 0.3, training=True), out)
-    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+    assert torch.equal(dropout(x, p, training=True), out)
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0, training=True) is x
 
 
 def test_dropout_follows_the_memory_layout_and_the_gradient_uses_the_same_mask():
