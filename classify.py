@@ -94,13 +94,16 @@ def metrics_from_confusion(cm):
     cm = np.asarray(cm, dtype=np.int64)
     total = int(cm.sum())
     tp = np.diag(cm)
+    accuracy = tp.sum() / total if total else None
     true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
     per_class = [float(tp[k] / true_counts[k]) if true_counts[k] else None for k in range(len(cm))]
     f1 = [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
           for k in range(len(cm)) if true_counts[k] + pred_counts[k]]
     return {
         "n": total,
-        "accuracy": float(tp.sum() / total) if total else None,
+        "accuracy": float(accuracy) if total else None,
+        # The binomial standard error, sqrt(a (1 - a) / n): how far another sample of images may move it.
+        "accuracy_standard_error": float(np.sqrt(accuracy * (1 - accuracy) / total)) if total else None,
         "per_class_accuracy": per_class,
         "per_class_f1": [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
                          if true_counts[k] + pred_counts[k] else None for k in range(len(cm))],
@@ -334,7 +337,8 @@ def format_metrics(metrics):
     k = len(metrics["confusion_matrix"])
     names = [class_name(c) for c in range(k)]
     cm = np.asarray(metrics["confusion_matrix"])
-    lines = [f"accuracy {metrics['accuracy']:.4f} ({int(np.trace(cm))}/{metrics['n']})"]
+    lines = [f"accuracy {metrics['accuracy']:.4f} ({int(np.trace(cm))}/{metrics['n']}; standard error "
+             f"{metrics['accuracy_standard_error']:.4f})"]
     per_class = []
     for c in range(k):
         acc = metrics["per_class_accuracy"][c]
@@ -344,8 +348,8 @@ def format_metrics(metrics):
     lines.append(f"macro F1 {metrics['macro_f1']:.4f}")
     lines.append(f"bits/dim under the true label {metrics['bits_per_dim']:.4f}")
     lines.append(f"posterior at T = {metrics['temperature']:.4g}: ECE ({CALIBRATION_BINS} bins) "
-                 f"{metrics['ece']:.4f}, NLL of the true label {metrics['nll']:.4f}, "
-                 f"Brier {metrics['brier']:.4f}")
+                 f"{metrics['ece']:.4f} (bootstrap standard error {metrics['ece_standard_error']:.4f}), "
+                 f"NLL of the true label {metrics['nll']:.4f}, Brier {metrics['brier']:.4f}")
     width = max(len(n) for n in names + [str(int(cm.max()))]) + 1
     lines.append("confusion matrix (rows: true label, columns: prediction)")
     lines.append(" " * width + "".join(n.rjust(width) for n in names))
@@ -585,6 +589,7 @@ def run(args, rank, world_size, device):
         metrics["bits_per_dim"] = bits_per_dim_true_label(loglik, labels, (3, size, size))
         metrics["temperature"] = temperature
         metrics.update(utils.calibration_metrics(posteriors, labels, bins=CALIBRATION_BINS))
+        metrics["ece_standard_error"] = utils.ece_standard_error(posteriors, labels, bins=CALIBRATION_BINS)
         metrics["class_names"] = [class_name(c) for c in range(num_classes)]
         metrics["prior"] = args.prior
         metrics["hflip"] = args.hflip

@@ -269,6 +269,23 @@ def calibration_metrics(posteriors, labels, bins=15):
     return {"ece": ece, "nll": nll, "brier": brier}
 
 
+def ece_standard_error(posteriors, labels, bins=15, resamples=1000, seed=0):
+    """The bootstrap standard error of calibration_metrics' ECE: its spread over `resamples`
+    resamplings of the images with replacement (a fixed seed, so that it is reproducible). An ECE
+    from a few hundred images moves by about a point between samples; this says by how much."""
+    p = torch.as_tensor(posteriors, dtype=torch.float64)
+    confidence, prediction = p.max(dim=1)
+    correct = (prediction == torch.as_tensor(labels, dtype=torch.long)).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # reliability's bins
+    in_bin = torch.nn.functional.one_hot(index, bins).double()  # [N, bins]
+    n = len(confidence)
+    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, n, dtype=torch.float64))  # [R, N]: times each image is drawn
+    gap = weights @ (in_bin * (correct - confidence)[:, None])  # [R, bins]: sum of accuracy - confidence
+    return float((gap.abs().sum(dim=1) / n).std())
+
+
 def training_loss(net, x, y, num_classes, cls_loss_weight, cls_batch_size=0):
     """-> (loss, mean bits/dim under the true labels). The loss is that bits/dim, plus
     cls_loss_weight x the cross-entropy of the label posterior of the first cls_batch_size images

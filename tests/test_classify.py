@@ -171,6 +171,8 @@ def test_cpen455_layout_csv_and_metrics_by_hand(trained, cpen_root, tmp_path, ca
     assert metrics["confusion_matrix"] == cm
     assert metrics["n"] == n
     assert metrics["accuracy"] == pytest.approx(acc)
+    assert metrics["accuracy_standard_error"] == pytest.approx(math.sqrt(acc * (1 - acc) / n))
+    assert 0 < metrics["ece_standard_error"] < 1
     assert metrics["per_class_accuracy"] == pytest.approx(per_class)
     assert metrics["macro_f1"] == pytest.approx(np.mean(f1s))
     assert metrics["bits_per_dim"] == pytest.approx(bpd, rel=1e-9)
@@ -278,6 +280,7 @@ def test_pure_metrics_functions():
     assert cm.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     m = classify.metrics_from_confusion(cm)
     assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["accuracy_standard_error"] == pytest.approx(math.sqrt(0.5 * 0.5 / 6))
     assert m["per_class_accuracy"] == [0.5, pytest.approx(2 / 3), 0.0, None]
     # F1: class 0: tp 1, fp 2, fn 1 -> 2/5; class 1: tp 2, fp 1, fn 1 -> 4/6; class 2: 0; class 3 absent
     assert m["macro_f1"] == pytest.approx((2 / 5 + 4 / 6 + 0) / 3)

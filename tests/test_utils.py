@@ -1,4 +1,6 @@
 """The mixture likelihood, sampling one pixel, bits/dim, scoring under every label, Bayes' rule, the loss."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,8 @@ from scipy.stats import chisquare
 from conftest import randomize_label_parameters
 from model import build_model
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
-                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, fit_prior, fit_temperature,
-                   log_posterior, reliability, sample_from_discretized_mix_logistic, sample_guided_pixel,
+                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, ece_standard_error, fit_prior,
+                   fit_temperature, log_posterior, reliability, sample_from_discretized_mix_logistic, sample_guided_pixel,
                    snap_to_levels, training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
@@ -376,6 +378,18 @@ def test_calibration_metrics_by_hand():
     assert metrics["brier"] == pytest.approx((0.02 + 1.62 + 0.32 + 0.5) / 4)
     count, confidence, accuracy = reliability(posteriors, labels)
     assert count.sum() == 4 and count[13] == 2 and confidence[13] == pytest.approx(0.9) and accuracy[13] == 0.5
+
+
+def test_ece_standard_error_is_the_bootstrap_spread():
+    """Every top posterior at 1 puts all images in one bin, where ECE = 1 - accuracy: its bootstrap
+    spread is then the binomial standard error sqrt(a (1 - a) / n)."""
+    labels = torch.tensor([0] * 300 + [1] * 100)
+    certain = torch.tensor([[1.0, 0.0]] * 400, dtype=torch.float64)  # right on 300 of 400
+    spread = ece_standard_error(certain, labels)
+    assert spread == pytest.approx(math.sqrt(0.75 * 0.25 / 400), rel=0.1)  # 1000 resamples: ~2%
+    assert ece_standard_error(certain, labels) == spread  # a fixed seed
+    all_right = torch.zeros(400, dtype=torch.long)
+    assert ece_standard_error(certain, all_right) == 0  # the ECE is 0 in every resample
 
 
 def test_fit_temperature_stays_in_its_bounds():
