@@ -242,13 +242,20 @@ def fit_prior(log_likelihoods, labels, bounds=(1e-2, 1e4)):
     return temperature, torch.log_softmax(offsets.detach(), dim=0)
 
 
-def reliability(posteriors, labels, bins=15):
-    """How far the top posterior is from the accuracy: over `bins` equal-width bins of the top
-    probability, -> (count [bins], mean confidence [bins], accuracy [bins]; NaN where empty)."""
+def top_posterior_bins(posteriors, labels, bins):
+    """Per image: (the bin of its top posterior among `bins` equal-width ones [N], that top
+    posterior [N], 1.0 where it is the true label [N])."""
     p = torch.as_tensor(posteriors, dtype=torch.float64)  # [N, K]
     confidence, prediction = p.max(dim=1)
     correct = (prediction == torch.as_tensor(labels, dtype=torch.long)).double()
     index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # bin b holds (b/bins, (b+1)/bins]
+    return index, confidence, correct
+
+
+def reliability(posteriors, labels, bins=15):
+    """How far the top posterior is from the accuracy: over `bins` equal-width bins of the top
+    probability, -> (count [bins], mean confidence [bins], accuracy [bins]; NaN where empty)."""
+    index, confidence, correct = top_posterior_bins(posteriors, labels, bins)
     count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
     mean_confidence = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence) / count
     accuracy = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct) / count
@@ -273,10 +280,7 @@ def ece_standard_error(posteriors, labels, bins=15, resamples=1000, seed=0):
     """The bootstrap standard error of calibration_metrics' ECE: its spread over `resamples`
     resamplings of the images with replacement (a fixed seed, so that it is reproducible). An ECE
     from a few hundred images moves by about a point between samples; this says by how much."""
-    p = torch.as_tensor(posteriors, dtype=torch.float64)
-    confidence, prediction = p.max(dim=1)
-    correct = (prediction == torch.as_tensor(labels, dtype=torch.long)).double()
-    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # reliability's bins
+    index, confidence, correct = top_posterior_bins(posteriors, labels, bins)
     in_bin = torch.nn.functional.one_hot(index, bins).double()  # [N, bins]
     n = len(confidence)
     draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))

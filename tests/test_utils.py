@@ -9,9 +9,9 @@ from scipy.stats import chisquare
 from conftest import randomize_label_parameters
 from model import build_model
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
-                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, ece_standard_error, fit_prior,
-                   fit_temperature, log_posterior, reliability, sample_from_discretized_mix_logistic, sample_guided_pixel,
-                   snap_to_levels, training_loss)
+                   discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, ece_standard_error,
+                   fit_prior, fit_temperature, log_posterior, reliability, sample_from_discretized_mix_logistic,
+                   sample_guided_pixel, snap_to_levels, training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
