@@ -201,11 +201,11 @@ def dropout(x, p, training):
         return x
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
-    bits = 8 if (p * 2 ** 8).is_integer() else 16  # the random draws are half the cost at 8
+    # The random draws are half the cost at 8 bits.
+    bits, signed = (8, torch.int8) if (p * 2 ** 8).is_integer() else (16, torch.int16)
     per_word, n = 64 // bits, x.numel()
     words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64, device=x.device)
     words.random_(-2 ** 63, None)
-    signed = torch.int8 if bits == 8 else torch.int16
     uniforms = words.view(signed)[:n].as_strided(x.shape, x.stride())  # x's memory layout
     dropped = round(p * 2 ** bits)
     # As uint8: bool converts to a float dtype at half the speed.
