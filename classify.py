@@ -97,16 +97,16 @@ def metrics_from_confusion(cm):
     accuracy = tp.sum() / total if total else None
     true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
     per_class = [float(tp[k] / true_counts[k]) if true_counts[k] else None for k in range(len(cm))]
-    f1 = [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
-          for k in range(len(cm)) if true_counts[k] + pred_counts[k]]
+    per_class_f1 = [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
+                    if true_counts[k] + pred_counts[k] else None for k in range(len(cm))]
+    f1 = [f for f in per_class_f1 if f is not None]
     return {
         "n": total,
         "accuracy": float(accuracy) if total else None,
         # The binomial standard error, sqrt(a (1 - a) / n): how far another sample of images may move it.
         "accuracy_standard_error": float(np.sqrt(accuracy * (1 - accuracy) / total)) if total else None,
         "per_class_accuracy": per_class,
-        "per_class_f1": [float(2 * tp[k] / (true_counts[k] + pred_counts[k]))
-                         if true_counts[k] + pred_counts[k] else None for k in range(len(cm))],
+        "per_class_f1": per_class_f1,
         "macro_f1": float(np.mean(f1)) if f1 else None,
         "confusion_matrix": cm.tolist(),
     }
@@ -207,6 +207,7 @@ def reliability_diagram(posteriors, labels, title, bins=CALIBRATION_BINS, size=4
     draw.text((6, margin - 30), "accuracy (blue) vs confidence (red); grey: share of images", fill="black")
     draw.text((6, margin - 16), title, fill="black")
     return image
+
 
 def evidence_maps(pixel_log_likelihoods, predictions, runners_up):
     """(ratio [N, H, W], bits [N, H, W]) from log p(x_ij | x_<ij, c) [N, K, H, W]: per pixel, the
