@@ -142,6 +142,7 @@ def bits_per_dim_true_label(log_likelihoods, labels, image_shape):
 
 
 @torch.inference_mode()
+@utils.in_eval_mode
 def score_images(model, images, num_classes, batch_size, device, progress=True, mirror=False, keep_maps=0):
     """(log p(x|c) in nats [N, K] float64, the per-pixel terms log p(x_ij | x_<ij, c) of the first
     keep_maps images [min(N, keep_maps), K, H, W] float32) for `images`: uint8 [N, 3, H, W], or a
@@ -149,7 +150,6 @@ def score_images(model, images, num_classes, batch_size, device, progress=True, 
     mirror: score each image flipped left-right instead; its maps are flipped back, so that each
     term sits on the pixel it scores. log p(x|c) is the terms' sum, taken in float64 so that a
     map's sum matches the CSV's log-likelihoods to float64 precision."""
-    model.eval()
     n = len(images)
     image_size = model.config["image_size"]
     out = np.empty((n, num_classes), dtype=np.float64)

@@ -127,21 +127,22 @@ def crop(x, height, left, width):
 
 
 class ShiftedConv2d(nn.Module):
-    """A conv whose input is padded by `pad` = (left, right, top, bottom), with top and the sides
-    at most one: the conv pads one on every side itself, and the extra output row or column is
-    cropped, which costs a few percent more multiplies but saves writing a padded copy of the
-    input (and reading one back in backward)."""
+    """A conv whose input is padded by `pad` = (left, right, top), with top and the sides at most
+    one and left >= right: the conv pads top and left on both sides itself, and the extra output
+    row (and column) at the bottom (and right) is cropped, which costs a few percent more
+    multiplies but saves writing a padded copy of the input (and reading one back in backward)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, pad):
         super().__init__()
+        left, right, top = pad
+        assert left >= right, "the crop keeps the output's first columns"
         self.pad = pad
-        self.conv = WNConv2d(in_channels, out_channels, kernel_size, stride, padding=(pad[2], max(pad[:2])))
+        self.conv = WNConv2d(in_channels, out_channels, kernel_size, stride, padding=(top, left))
 
     def forward(self, x):
         out = self.conv(x)  # [B, C', H', W']: an extra row (and column) where it padded both sides
         H, W = [(n + self.conv.stride - 1) // self.conv.stride for n in x.shape[2:]]
-        left = max(self.pad[:2]) - self.pad[0]
-        return crop(out, H, left, W)
+        return crop(out, H, 0, W)
 
 
 class DownShiftedConv2d(ShiftedConv2d):
@@ -150,7 +151,7 @@ class DownShiftedConv2d(ShiftedConv2d):
     def __init__(self, in_channels, out_channels, kernel_size=(2, 3), stride=1):
         kh, kw = kernel_size
         super().__init__(in_channels, out_channels, kernel_size, stride,
-                         ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0))
+                         ((kw - 1) // 2, (kw - 1) // 2, kh - 1))
 
 
 class DownRightShiftedConv2d(ShiftedConv2d):
@@ -158,7 +159,7 @@ class DownRightShiftedConv2d(ShiftedConv2d):
 
     def __init__(self, in_channels, out_channels, kernel_size=(2, 2), stride=1):
         kh, kw = kernel_size
-        super().__init__(in_channels, out_channels, kernel_size, stride, (kw - 1, 0, kh - 1, 0))
+        super().__init__(in_channels, out_channels, kernel_size, stride, (kw - 1, 0, kh - 1))
 
 
 class DownShiftedDeconv2d(nn.Module):

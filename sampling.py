@@ -1,7 +1,7 @@
 """The samplers of PixelCNN++: the naive one and the cached incremental one, side by side, and
 generate(), which draws uint8 images with either.
 
-Both sample pixel by pixel in raster order, one mixture_noise draw per pixel, in one loop
+Both sample pixel by pixel in raster order, one random draw per pixel, in one loop
 (sample_raster); they differ only in how they get each pixel's mixture parameters:
 - naive (FullForward): one full forward pass of the network per pixel, the reference;
 - cached (IncrementalPixelCNN, after Ramachandran et al., 2017, "Fast Generation for
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from layers import WeightNorm
 from model import NUM_RESOLUTIONS
-from utils import sample_from_discretized_mix_logistic, sample_guided_pixel
+from utils import in_eval_mode, sample_from_discretized_mix_logistic, sample_guided_pixel
 
 
 def generate(model, labels, sampler="fast", seed=0, n=None, progress=None, given=None, keep_rows=0,
@@ -65,6 +65,7 @@ def derive_seed(seed, class_index, chunk):
     return int(np.random.SeedSequence([seed, class_index + 1, chunk]).generate_state(1)[0])
 
 
+@in_eval_mode
 def generate_naive(model, labels, generator, progress=None, n=None, start=None, keep_rows=0,
                    guidance=0.0):
     """The reference sampler, one full forward pass per pixel: float images in [-1, 1] on the 256
@@ -75,6 +76,7 @@ def generate_naive(model, labels, generator, progress=None, n=None, start=None, 
     return sample_raster(FullForward, model, labels, generator, progress, n, start, keep_rows, guidance)
 
 
+@in_eval_mode
 def generate_cached(model, labels, generator, progress=None, n=None, start=None, keep_rows=0,
                     guidance=0.0):
     """The cached sampler: the same images as generate_naive (same arguments, same result), with
@@ -85,12 +87,12 @@ def generate_cached(model, labels, generator, progress=None, n=None, start=None,
 
 @torch.inference_mode()
 def sample_raster(network, model, labels, generator, progress, n, start=None, keep_rows=0, guidance=0.0):
-    """Sample a batch pixel by pixel in raster order, one mixture_noise draw per pixel, with
+    """Sample a batch pixel by pixel in raster order, one random draw per pixel, with
     `network` (FullForward or IncrementalPixelCNN) giving each pixel's mixture parameters. The
     top keep_rows rows come from `start` and draw no noise: sampling begins at row keep_rows.
     With guidance > 0 the network runs on every image under every label (image-major: row
-    b * K + k carries label k) and sample_guided_pixel draws each pixel (one [B, 3] uniform draw)."""
-    model.eval()
+    b * K + k carries label k) and sample_guided_pixel draws each pixel (one [B, 3] uniform draw).
+    The model must be in eval mode (generate_naive and generate_cached see to it)."""
     param = next(model.parameters())
     batch_size = labels.shape[0] if labels is not None else n
     if batch_size is None:
@@ -153,7 +155,7 @@ class FullForward:
 # ---------------------------------------------------------------------------------------------
 # The cache.
 
-def concat_elu(*xs):
+def concat_elu_few_pixels(*xs):
     """layers.concat_elu in the fewest operations: on the sampler's few pixels, per-operation
     overhead outweighs the memory passes that layers.concat_elu saves on whole images."""
     return F.elu(torch.cat([*xs, *(-x for x in xs)], dim=1))
@@ -200,7 +202,7 @@ class IncrementalPixelCNN:
     # --- layers on a region --------------------------------------------------------------------
     def conv(self, shifted_conv, source, region, pre=None):
         """A down-shifted or down-right-shifted conv's output on `region` of its output grid."""
-        pad_left, _, pad_top, _ = shifted_conv.pad
+        pad_left, _, pad_top = shifted_conv.pad
         wn = shifted_conv.conv
         kh, kw, s = wn.v.shape[2], wn.v.shape[3], wn.stride
         r0, r1, c0, c1 = region
@@ -227,12 +229,13 @@ class IncrementalPixelCNN:
 
     def resnet(self, block, name, source, skip_sources, level, region):
         """A gated resnet block on `region`: reads `source` and the skips, writes `name`."""
-        mid = self.conv(block.conv_in, source, region, pre=concat_elu)
+        mid = self.conv(block.conv_in, source, region, pre=concat_elu_few_pixels)
         if block.skip is not None:
             skip = [self.read(s, region) for s in skip_sources]
-            mid = mid + self.nin(block.skip, concat_elu(*skip))
+            mid = mid + self.nin(block.skip, concat_elu_few_pixels(*skip))
         self.write(name + "/mid", level, region, mid)
-        gate = block.condition(self.conv(block.conv_out, name + "/mid", region, pre=concat_elu), self.labels)
+        gate = self.conv(block.conv_out, name + "/mid", region, pre=concat_elu_few_pixels)
+        gate = block.condition(gate, self.labels)
         a, b = gate.chunk(2, dim=1)
         self.write(name, level, region, torch.addcmul(self.read(source, region), a, torch.sigmoid(b)))
 

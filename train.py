@@ -36,7 +36,7 @@ from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, discretized_mix_logistic_nll,
-                   fit_prior, fit_temperature, log_posterior, training_loss)
+                   fit_prior, fit_temperature, in_eval_mode, log_posterior, training_loss)
 
 PROG = "train.py"
 EXIT_NONFINITE = 3
@@ -100,12 +100,12 @@ def ema_multi_avg_fn(decay):
 
 
 @torch.no_grad()
+@in_eval_mode
 def evaluate(model, data, config, device, show_progress):
     """-> {"val_bpd": mean bits/dim under the true label; with labels, "val_acc": the accuracy of
     argmax_c log p(x|c), "temperature": fit_temperature on these images, "val_ece": the ECE with
     it, "fitted_prior": fit_prior on these images as {"temperature", "log_prior"}}. In float32
     even when training uses bf16: bf16 moves log p(x|c) by tens of nats and flips predictions."""
-    model.eval()
     K, bs = config["num_classes"], config["eval_batch_size"]
     nll, log_likelihoods = [], []
     batches = range(0, len(data), bs)

@@ -1,11 +1,13 @@
 """The likelihood: the discretized mixture of logistics, bits/dim, scoring under every label,
-Bayes' rule, and the training loss built from them. No I/O, and no import of the model: the
+Bayes' rule, the training loss built from them, and the calibration of the posterior (a fitted
+temperature and prior, ECE and reliability bins). No I/O, and no import of the model: the
 functions take any callable model(x, labels).
 
 Mixture parameters are [B, 10*M, H, W]: channels 0..M-1 are the mixture logits; the rest view as
 [B, 3 (mean, log-scale, coefficient), 3 (R, G, B), M, H, W]. The coefficients tie G's mean to R,
 and B's mean to R and G. Pixel values x are in [-1, 1] on the 256 levels k / 127.5 - 1.
 """
+import functools
 import math
 
 import torch
@@ -102,13 +104,13 @@ def mixture_noise(params, generator=None):
     return pick * (1 - 2 * eps) + eps, draw * (1 - 2 * eps) + eps
 
 
-def sample_from_discretized_mix_logistic(params, generator=None, noise=None):
+def sample_from_discretized_mix_logistic(params, generator=None):
     """Draw one RGB value per pixel from the mixture, snapped to the 256 levels: [B, 3, H, W].
 
     A component is picked with the Gumbel-max trick; each channel is a logistic draw whose mean
     uses the already sampled (and snapped) earlier channels, exactly as the likelihood conditions.
     """
-    pick, draw = noise if noise is not None else mixture_noise(params, generator)
+    pick, draw = mixture_noise(params, generator)
     logits, means, log_scales, coeffs = split_mixture_params(params)
     gumbel = -torch.log(-torch.log(pick))
     choice = F.one_hot((logits + gumbel).argmax(dim=1), logits.shape[1]).movedim(-1, 1)  # [B, M, H, W]
@@ -160,6 +162,20 @@ def sample_guided_pixel(params, labels, weight, generator=None, uniforms=None):
         x[:, ch] = level.to(params.dtype) / 127.5 - 1
         log_weights = log_weights + per_component[rows, :, :, level]  # condition on this channel
     return x, log_q
+
+
+def in_eval_mode(function):
+    """Decorate function(model, ...) to run with the model in eval mode (no dropout), and to leave
+    it in the mode it was in: a live training model keeps its dropout after an evaluation."""
+    @functools.wraps(function)
+    def run(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return run
 
 
 def class_pixel_log_likelihoods(model, x, num_classes):
@@ -306,6 +322,6 @@ def training_loss(net, x, y, num_classes, cls_loss_weight, cls_batch_size=0):
     nll_all = discretized_mix_logistic_nll(scored, net(scored, labels))
     ll = -nll_all[:num_classes * S].view(num_classes, S).T  # [S, K], label-major as class_log_likelihoods
     nll = torch.cat([-ll.gather(1, y[:S, None]).squeeze(1), nll_all[num_classes * S:]])  # [B]
-    ce = F.nll_loss(log_posterior(ll.float()), y[:S])
+    ce = F.nll_loss(log_posterior(ll), y[:S])
     bpd = bits_per_dim(nll.float(), x.shape[1:]).mean()
     return bpd + cls_loss_weight * ce, bpd

@@ -8,7 +8,7 @@ from conftest import randomize_label_parameters
 from model import build_model
 from sampling import IncrementalPixelCNN, generate_cached
 
-MODES = [(0, 0, "none"), (3, 4, "none"), (3, 0, "bias"), (3, 0, "film"), (3, 4, "film")]
+MODES = [(0, 0, "none"), (3, 4, "none"), (3, 0, "bias"), (3, 4, "bias"), (3, 0, "film"), (3, 4, "film")]
 
 
 def tiny_model(nr_resnet=1, num_classes=3, embedding_dim=4, conditioning="bias", size=8):
@@ -120,6 +120,17 @@ def test_same_seed_same_images_different_seed_different():
     c = sampling.generate(model, labels, "naive", seed=12)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["fast", "naive"])
+def test_a_training_model_samples_without_dropout_and_keeps_training(sampler):
+    torch.manual_seed(0)
+    model = build_model(dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.5, image_size=8,
+                             num_classes=3, embedding_dim=0, block_conditioning="film")).train()
+    labels = torch.tensor([0, 2])
+    images = sampling.generate(model, labels, sampler, seed=1)
+    assert model.training  # a live model keeps its dropout for the steps after sampling
+    assert torch.equal(images, sampling.generate(model.eval(), labels, sampler, seed=1))
 
 
 def test_unconditional_model():

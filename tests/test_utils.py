@@ -10,8 +10,8 @@ from conftest import randomize_label_parameters
 from model import build_model
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
                    discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, ece_standard_error,
-                   fit_prior, fit_temperature, log_posterior, reliability, sample_from_discretized_mix_logistic,
-                   sample_guided_pixel, snap_to_levels, training_loss)
+                   fit_prior, fit_temperature, in_eval_mode, log_posterior, reliability,
+                   sample_from_discretized_mix_logistic, sample_guided_pixel, snap_to_levels, training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
@@ -57,6 +57,16 @@ def test_class_log_likelihoods_equal_a_loop_over_labels():
     assert torch.allclose(posterior.exp().sum(1), torch.ones(3, dtype=torch.float64))
 
 
+def test_in_eval_mode_scores_without_dropout_and_restores_the_mode():
+    model = build_model({**TINY, "dropout": 0.5})
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    score = in_eval_mode(lambda net: class_log_likelihoods(net, x, 3))
+    for training in (True, False):
+        model.train(training)
+        assert torch.equal(score(model), score(model))  # no dropout draws
+        assert model.training is training
+
+
 def test_class_pixel_log_likelihoods_are_each_pixels_share():
     """The per-pixel terms under label c are those of a plain forward pass with label c, and they
     sum to log p(x|c): the evidence maps of classify.py --explain add up to its scores."""
@@ -86,12 +96,14 @@ def test_nll_and_gradients_finite_at_edges_and_extreme_scales(fill, log_scale):
     assert torch.isfinite(params.grad).all()
 
 
-def test_nll_is_float32_under_autocast():
+def test_nll_of_bf16_params_under_autocast_is_the_float32_nll():
+    """A bf16 network's output is scored in float32: bf16 would move log p(x) by nats per image."""
     params = torch.randn(2, 30, 4, 4).bfloat16()
     x = snap_to_levels(torch.rand(2, 3, 4, 4) * 2 - 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nll = discretized_mix_logistic_nll(x, params)
     assert nll.dtype == torch.float32
+    assert torch.equal(nll, discretized_mix_logistic_nll(x, params.float()))
 
 
 def logistic_level_probs(mean, log_scale):
@@ -263,6 +275,40 @@ def test_guided_log_q_without_guidance_is_the_likelihood_of_the_drawn_pixel():
     x, log_q = sample_guided_pixel(params, labels, 0.0, torch.Generator().manual_seed(2))
     own = params[torch.arange(4), labels][:, :, None, None]  # [B, 10M, 1, 1]
     torch.testing.assert_close(log_q, discretized_mix_logistic_log_probs(x[:, :, None, None], own)[:, 0, 0])
+
+
+def test_guided_log_q_is_the_sharpened_mixture_written_out_channel_by_channel():
+    """At weight w > 0, log_q of each drawn pixel against q built from the joint on a grid of
+    levels that holds all but 1e-9 of every label's mass: q(r) proportional to
+    p_y(r)^(1+w) / mean_k p_k(r)^w, then g given r, then b given r and g, each conditional of
+    p_k summed out of log p_k(r, g, b)."""
+    K, M, B, w = 2, 2, 8, 1.5
+    g = torch.Generator().manual_seed(7)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    rest = torch.stack([0.03 * randn(K, 3, M), -5.0 + 0.2 * randn(K, 3, M), randn(K, 3, M)], dim=1)
+    params = torch.cat([randn(K, M), rest.reshape(K, 9 * M)], dim=1)  # [K, 10M]: narrow, near 0
+
+    lo, n = 80, 96  # levels 80..175
+    levels = torch.arange(lo, lo + n, dtype=torch.float64) / 127.5 - 1
+    grid = torch.stack(torch.meshgrid(levels, levels, levels, indexing="ij")).reshape(1, 3, 1, n ** 3)
+    joint = torch.stack([discretized_mix_logistic_log_probs(grid, params[k].view(1, -1, 1, 1).expand(-1, -1, 1, n ** 3))
+                         for k in range(K)]).view(K, n, n, n).exp()  # p_k(r, g, b)
+    assert (1 - joint.sum(dim=(1, 2, 3))).abs().max() < 1e-9, 1 - joint.sum(dim=(1, 2, 3))
+    p_r = joint.sum(dim=(2, 3))                                  # [K, n]
+    p_g = joint.sum(dim=3) / p_r[:, :, None]                     # [K, n, n]: g given r
+    p_b = joint / joint.sum(dim=3, keepdim=True)                 # [K, n, n, n]: b given r, g
+
+    def log_q(p, y):  # sharpened over the last axis, under label y
+        t = (1 + w) * p[y].log() - w * p.mean(dim=0).log()
+        return t - torch.logsumexp(t, dim=-1, keepdim=True)
+
+    labels = torch.arange(B) % K
+    x, drawn_log_q = sample_guided_pixel(params.expand(B, -1, -1), labels, w, torch.Generator().manual_seed(8))
+    r, gr, b = (torch.round((x + 1) * 127.5).long() - lo).T
+    assert ((x >= levels[0]) & (x <= levels[-1])).all()
+    expected = torch.stack([log_q(p_r, y)[r[i]] + log_q(p_g, y)[r[i], gr[i]] + log_q(p_b, y)[r[i], gr[i], b[i]]
+                            for i, y in enumerate(labels.tolist())])
+    torch.testing.assert_close(drawn_log_q, expected, rtol=0, atol=1e-6)
 
 
 def test_guidance_raises_the_models_own_posterior_of_the_label():
