@@ -136,7 +136,6 @@ def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_
         "rng": rng,
         "rng_per_rank": rng_per_rank,
         "world_size": world_size,
-        "best_metric": config["best_metric"],
     }
 
 

@@ -163,13 +163,27 @@ class Stop(Exception):
 
 
 def clear_previous_run(out_dir):
-    """Delete what an earlier run left in out_dir (its metrics.jsonl, best.pt and sample grids),
-    so that a fresh run's files describe that run alone; last.pt is replaced at the first save."""
-    stale = ["metrics.jsonl", "best.pt"] + [name for name in os.listdir(out_dir)
-                                            if name.startswith("samples_epoch") and name.endswith(".png")]
+    """Delete what an earlier run left in out_dir (its metrics.jsonl, best.pt, held-out splits and
+    sample grids), so that a fresh run's files describe that run alone: an old splits/report.csv
+    would list images this run trains on. last.pt is replaced at the first save."""
+    stale = ["metrics.jsonl", "best.pt", os.path.join("splits", "val.csv"), os.path.join("splits", "report.csv")]
+    stale += [name for name in os.listdir(out_dir) if name.startswith("samples_epoch") and name.endswith(".png")]
     for name in stale:
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+
+
+def cut_metrics_back(out_dir, step):
+    """Drop the lines of <out_dir>/metrics.jsonl after `step`, where a resumed run starts: a run
+    killed between an evaluation and its save would otherwise log those epochs twice."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 class Trainer:
@@ -224,6 +238,8 @@ class Trainer:
             remove_cut_short_writes(c["out_dir"])
             if fresh:
                 clear_previous_run(c["out_dir"])
+            else:
+                cut_metrics_back(c["out_dir"], self.progress.step)
             self.write_splits()
             with open(os.path.join(c["out_dir"], "config.yaml"), "w") as f:
                 yaml.safe_dump(c, f, sort_keys=False)
@@ -462,6 +478,9 @@ class Trainer:
             self.log(f"lr restarts at {c['lr']} (was {current:.3g} at step {p.step}, "
                      f"{stored.get('lr')} when the run began)")
         self.scheduler.gamma = c["lr_decay"]
+        if c["best_metric"] != stored.get("best_metric", DEFAULTS["best_metric"]) and p.best is not None:
+            p.best = None  # a value of the old metric: the next evaluation starts best.pt afresh
+            self.log(f"best_metric is now {c['best_metric']}: best.pt restarts at the next evaluation")
         self.log(f"resumed from {c['resume']}: epoch {p.epoch}, batch {p.batch_in_epoch}, step {p.step}")
 
     @contextlib.contextmanager

@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,28 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert sb["wandb_id"] == b_id  # the resumed run logs to the same wandb run
     assert [m["epoch"] for m in read_metrics(b)] == [1, 2]
     assert read_metrics(a)[-1]["val_bpd"] == read_metrics(b)[-1]["val_bpd"]
+
+
+def test_resume_from_an_earlier_checkpoint_cuts_metrics_back_to_it(tiny_data, tmp_path):
+    """As after a kill between an evaluation and its save: the epochs after the checkpoint are
+    logged once, by the resumed run."""
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    shutil.copy(out / "last.pt", tmp_path / "epoch1.pt")
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume")) == 0
+    logged_once = read_metrics(out)
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume", tmp_path / "epoch1.pt")) == 0
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+    assert read_metrics(out)[-1]["val_bpd"] == logged_once[-1]["val_bpd"]
+
+
+def test_a_new_best_metric_on_resume_starts_best_pt_afresh(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0  # best.pt by val_acc
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume", "--best-metric", "val_bpd")) == 0
+    assert "best.pt restarts" in capsys.readouterr().err
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == 6 and best["best"] == read_metrics(out)[-1]["val_bpd"]
 
 
 def test_resume_keeps_the_stored_out_dir_and_max_time(tiny_data, tmp_path):
@@ -457,3 +480,7 @@ def test_the_report_split_is_held_out_and_written_for_classify(tiny_data, tmp_pa
     assert len(report) == 8 and {i for i, _ in report} <= train_ids and not {i for i, _ in val} & train_ids
     assert sorted(label for _, label in report) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.load(out / "last.pt", weights_only=True)["config"]["report_fraction"] == 0.25
+
+    # A fresh run in the same folder without a report split leaves no report.csv of images it trains on.
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--overwrite")) == 0
+    assert not (out / "splits" / "report.csv").exists() and (out / "splits" / "val.csv").exists()
