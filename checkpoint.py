@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from config import ArgumentParser, UsageError, report
+from config import ArgumentParser, UsageError, check_output, first_line, report
 from model import MODEL_DEFAULTS, build_model
 
 
@@ -76,11 +76,6 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
     return state
-
-
-def first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def model_from_checkpoint(state, weights="ema"):
@@ -252,6 +247,7 @@ def main(argv=None):
                              "use: half the size again (for two or more experts under a size limit)")
     args = parser.parse_args(argv)
     try:
+        check_output("dest", args.dest)
         state = load_checkpoint(args.source)
         if os.path.exists(args.dest) and os.path.samefile(args.source, args.dest):
             raise UsageError(f"{args.dest} is the source checkpoint: write the copy elsewhere")

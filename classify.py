@@ -62,8 +62,8 @@ from tqdm import tqdm
 
 import utils
 from checkpoint import atomic_write, load_model
-from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
-                    join_processes, leave_processes, report, speed_up_cpu, validation_seed)
+from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error,
+                    gather_on_main, join_processes, leave_processes, report, speed_up_cpu, validation_seed)
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
                      read_split_csv, root_relative, split_csv_path, split_items, to_model_input)
 
@@ -277,17 +277,21 @@ def explain_figure(image, ratio, bits, title, predicted, runner_up):
 # Input, output.
 
 def find_inputs(data_dir, split, csv_path, num_classes):
-    """(items [(id, label)], file paths, csv used or None) for a CPEN455 root or a plain folder."""
+    """(items [(id, label)], file paths, csv used or None) for a CPEN455 root (`split`: None for
+    test) or a plain folder (`split` None)."""
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
-    if csv_path is None and os.path.isfile(split_csv_path(data_dir, split)):
-        csv_path = split_csv_path(data_dir, split)
+    split_csv = split_csv_path(data_dir, split or "test")
+    if split is not None and not os.path.isfile(split_csv):
+        raise DataError(f"--split {split}: {split_csv} not found")
+    if csv_path is None and os.path.isfile(split_csv):
+        csv_path = split_csv
     if csv_path is not None:
         items = read_split_csv(data_dir, csv_path, num_classes=num_classes)
         return items, item_paths(data_dir, csv_path, items), csv_path
     present = [name for name in SPLIT_NAMES if os.path.isfile(split_csv_path(data_dir, name))]
     if present:
-        raise DataError(f"{split_csv_path(data_dir, split)} not found, but {data_dir} has "
+        raise DataError(f"{split_csv} not found, but {data_dir} has "
                         f"{', '.join(n + '.csv' for n in present)}: pass --split or --csv")
     items = list_image_folder(data_dir)
     return items, item_paths(data_dir, None, items), None
@@ -411,10 +415,10 @@ def check_options(args):
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for option, path in (("--out", args.out), ("--logits", args.logits),
                          ("--metrics-out", args.metrics_out), ("--explain-out", args.explain_out)):
-        if path is not None and os.path.isdir(path):
-            raise UsageError(f"{option} {path} is a directory; give a file name")
-    if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
-        raise UsageError(f"--explain {args.explain} is a file; give a directory for the PNGs")
+        if path is not None:
+            check_output(option, path)
+    if args.explain is not None:
+        check_output("--explain", args.explain, folder=True)
     if args.explain_limit is not None:
         if args.explain_limit < 1:
             raise UsageError(f"--explain-limit must be >= 1, got {args.explain_limit}")
@@ -551,7 +555,7 @@ def run(args, rank, world_size, device):
         items, paths, source = held_out_inputs(args.data_dir, args.held_out, run_configs, args.checkpoint,
                                                num_classes)
     else:
-        items, paths, csv_used = find_inputs(args.data_dir, args.split or "test", args.csv, num_classes)
+        items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
         source = csv_used if csv_used is not None else f"{args.data_dir} (folder)"
     log_prior = None
     if args.prior == "train":

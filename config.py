@@ -13,6 +13,7 @@ exit 2. ArgumentParser is the one parser class of the CLIs.
 import argparse
 import ctypes
 import ctypes.util
+import math
 import os
 import re
 import sys
@@ -36,6 +37,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def first_line(err):
+    """An exception's message cut to its first line (its type's name where it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_output(option, path, folder=False):
+    """UsageError now, before any work, unless `path` can be written as a file (folder=True: as a
+    folder): it is not the other kind, and its nearest existing parent is a folder we may write in."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path} exists and is not a folder")
+    if not folder and os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: no permission to write in {parent}")
 
 
 def report(prog, err):
@@ -158,8 +181,8 @@ def parse_duration(value):
         if not parts or re.sub(pattern, "", text).strip():
             raise UsageError(f"max_time {value!r} is not a duration like '45m', '2h', '90s' or '1h30m'")
         seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit] for n, unit in parts)
-    if seconds <= 0:
-        raise UsageError(f"max_time must be positive, got {value!r}")
+    if not 0 < seconds < math.inf:
+        raise UsageError(f"max_time must be a positive, finite duration, got {value!r}")
     return seconds
 
 
@@ -187,7 +210,7 @@ def read_yaml_config(path):
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"{path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a config file must be a mapping of key: value")
     for key in data:
@@ -201,13 +224,19 @@ def parse_training_args(parser, argv):
     given = vars(parser.parse_args(argv))
     config_file = given.pop("config", None)
     from_yaml = read_yaml_config(config_file) if config_file else {}
-    from_flags = {}
-    for name, text in given.items():
-        try:
-            from_flags[name] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            from_flags[name] = text
-    return from_yaml, from_flags
+    return from_yaml, {name: flag_value(name, text) for name, text in given.items()}
+
+
+def flag_value(name, text):
+    """A flag's text as a value: YAML for numbers, booleans and null, but the text as typed for
+    keys that hold text (paths, names), so that '2024', 'on' or 'runs/x #1' stay what they are."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if KEY_BY_NAME[name].type is not str or value is None or (name == "resume" and isinstance(value, bool)):
+        return value
+    return text
 
 
 def merge_on_resume(stored, given, source):

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from config import UsageError
+from config import UsageError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEMO_CLASSES = ("disc", "stripes", "checker", "gradient_square")
@@ -185,9 +185,8 @@ def load_image(path, image_size):
             img = img.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: not a readable image ({reason})") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: not a readable image ({first_line(err)})") from None
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     array = np.asarray(img, dtype=np.uint8)  # [S, S, 3]

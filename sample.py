@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import fid
 from checkpoint import load_model
-from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, first_error, gather_on_main,
+from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error, gather_on_main,
                     join_processes, leave_processes, report, speed_up_cpu)
 from dataset import DataError, class_name, image_path, list_image_folder, load_images
 from sampling import derive_seed, generate
@@ -226,10 +226,9 @@ def check_args(args):
             raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.guidance < 0:
-        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} exists and is not a folder")
+    if not 0 <= args.guidance < math.inf:
+        raise UsageError(f"--guidance must be a number >= 0, got {args.guidance}")
+    check_output("--out-dir", args.out_dir, folder=True)
     if args.complete is None and args.keep_rows is not None:
         raise UsageError("--keep-rows goes with --complete DIR")
     if args.complete is not None and args.fid_ref is not None:

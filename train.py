@@ -29,9 +29,9 @@ import dataset
 from checkpoint import (Progress, atomic_write, load_checkpoint, remove_cut_short_writes, restore_rng,
                         restore_training_state, rng_state, save_checkpoint, seed_everything,
                         training_state)
-from config import (DEFAULTS, UsageError, join_processes, leave_processes, merge_on_resume, native_bf16,
-                    parse_duration, parse_training_args, report, resume_path, speed_up_cpu,
-                    training_parser, validate_config, validation_seed)
+from config import (DEFAULTS, UsageError, check_output, first_line, join_processes, leave_processes,
+                    merge_on_resume, native_bf16, parse_duration, parse_training_args, report, resume_path,
+                    speed_up_cpu, training_parser, validate_config, validation_seed)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
@@ -150,7 +150,7 @@ def start_wandb(config, run_id, log):
         return wandb.init(project=config["wandb_project"], dir=config["out_dir"], id=run_id,
                           resume="allow", mode=mode, config=config)
     except Exception as err:  # noqa: BLE001 - logging must never stop training
-        log(f"warning: wandb failed to start ({str(err).splitlines()[0] if str(err) else err}); "
+        log(f"warning: wandb failed to start ({first_line(err)}); "
             f"not logging to wandb")
         return None
 
@@ -506,6 +506,7 @@ def main(argv=None):
     code, trainer = 0, None
     try:
         config, state = resolve_config(sys.argv[1:] if argv is None else argv)
+        check_output("--out-dir", config["out_dir"], folder=True)
         last = os.path.join(config["out_dir"], "last.pt")
         if state is None and os.path.isfile(last) and not config["overwrite"]:
             raise UsageError(f"{last} exists: pass --resume to continue that run, --overwrite to start "

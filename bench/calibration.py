@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
-from checkpoint import first_line, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from classify import held_out_inputs  # noqa: E402
-from config import ArgumentParser, UsageError, report  # noqa: E402
+from config import ArgumentParser, UsageError, first_line, report  # noqa: E402
 from utils import calibration_metrics, fit_prior, fit_temperature, log_posterior  # noqa: E402
 
 PROG = "calibration.py"

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402  (the repository root is on the path only now)
-from checkpoint import atomic_write, first_line  # noqa: E402
-from config import ArgumentParser, UsageError, report, speed_up_cpu  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
+from config import ArgumentParser, UsageError, first_line, report, speed_up_cpu  # noqa: E402
 from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
 

@@ -336,6 +336,12 @@ def bad_input_cases(trained, cpen_root, tmp_path):
     cases["missing --csv"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", tmp_path / "x.csv"],
                               "x.csv")
     cases["missing split csv"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "dev"], "dev.csv")
+    cases["a split of a plain folder"] = (["--checkpoint", ckpt, "--data-dir", tmp_path / "plain", "--split", "val"],
+                                          "--split val:")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    cases["an output inside a file"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--metrics-out",
+                                         a_file / "m.json"], "is a file, not a folder")
     cases["train prior without train.csv"] = (["--checkpoint", ckpt, "--data-dir", corrupt.parent / "plain",
                                                "--prior", "train"], "train.csv")
     cases["two ways to choose the images"] = (["--checkpoint", ckpt, "--data-dir", cpen_root, "--held-out", "val",

@@ -57,9 +57,21 @@ def test_values_are_checked_against_the_table():
                           (["--amp", "yes please"], "'amp' must be true or false"),
                           (["--nr-filters", "null"], "'nr_filters' cannot be null"),
                           (["--device", "tpu"], "'device' must be one of"),
-                          (["--shift", "32"], r"'shift' must be below image_size \(32\)")]:
+                          (["--shift", "32"], r"'shift' must be below image_size \(32\)"),
+                          (["--max-time", "0"], "max_time must be a positive, finite duration"),
+                          (["--max-time", ".nan"], "not a duration")]:
         with pytest.raises(UsageError, match=message):
             parse(argv)
+
+
+def test_text_flags_stay_as_typed():
+    """YAML reads 2024 as a number, 'on' as true, 2024-01-05 as a date and '#' as a comment: not
+    for a path or a name."""
+    config = parse(["--out-dir", "runs/x #1", "--data-dir", "2024-01-05", "--wandb-project", "on",
+                    "--train-split", "2024", "--max-time", "null", "--grad-clip", "null"])
+    assert (config["out_dir"], config["data_dir"], config["wandb_project"], config["train_split"]) == (
+        "runs/x #1", "2024-01-05", "on", "2024")
+    assert config["max_time"] is None and config["grad_clip"] is None
 
 
 def test_flags_are_never_guessed_from_a_prefix(capsys):

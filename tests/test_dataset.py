@@ -262,6 +262,15 @@ def test_corrupt_image(tmp_path, payload):
     assert "\n" not in str(info.value)
 
 
+def test_an_image_too_large_to_decode_is_a_data_error(tmp_path, monkeypatch):
+    """Pillow refuses images of more than twice MAX_IMAGE_PIXELS (a decompression bomb)."""
+    path = str(tmp_path / "huge.png")
+    write_png(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(ds.DataError, match="huge.png: not a readable image"):
+        ds.load_images([path], 8)
+
+
 def test_truncated_jpeg(tmp_path):
     path = str(tmp_path / "cut.jpg")
     rng = np.random.RandomState(0)

@@ -108,6 +108,8 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         (["--checkpoint", path, "--classes", "a"], "--classes"),
         (["--checkpoint", path, "--n-per-class", 0], "--n-per-class"),
         (["--checkpoint", path, "--guidance", -1], "--guidance"),
+        (["--checkpoint", path, "--guidance", "nan"], "--guidance"),
+        (["--checkpoint", path, "--guidance", "inf"], "--guidance"),
         (["--checkpoint", path, "--fid-ref", tmp_path / "noref"], "noref"),
     ]
     for argv, needle in cases:
@@ -118,6 +120,10 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
         assert lines[0].startswith("sample.py: error:")
         assert not out.exists(), "nothing sampled before the inputs are checked"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    rc, _, err = run_main(capsys, "--checkpoint", path, "--out-dir", a_file / "out", extractor=StandIn())
+    assert rc == 2 and err.count("\n") == 1 and "is a file, not a folder" in err
 
 
 def test_cli_guidance_draws_the_guided_images_and_needs_labels(ckpt, tmp_path, capsys):

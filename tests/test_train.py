@@ -99,6 +99,9 @@ def test_bad_data_stops_before_training(tmp_path, capsys):
     assert "label 7 is outside 0..3" in capsys.readouterr().err
     assert train.main(args(str(tmp_path / "nowhere"), out)) == 2
     assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("not a folder\n")
+    assert train.main(args(str(root), tmp_path / "a_file" / "out")) == 2
+    assert capsys.readouterr().err.count("is a file, not a folder") == 1
 
 
 def test_a_missing_data_dir_is_an_error_even_with_the_demo_config(tmp_path):
