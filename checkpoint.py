@@ -117,9 +117,11 @@ class Progress:
     fitted_prior: dict = None     # {"temperature", "log_prior"}: fit_prior there (classify.py --prior fitted)
 
 
-def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_per_rank, world_size):
+def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_per_rank, world_size,
+                   held_out_digest=None):
     """-> the checkpoint dict of a training run. `ema` is an AveragedModel; `rng_per_rank` is
-    every process's rng_state() under DDP, else None."""
+    every process's rng_state() under DDP, else None; held_out_digest: {"val", "report"} ->
+    dataset.items_digest of the images the run held out."""
     return {
         "model": model.state_dict(),
         "ema": ema.module.state_dict(),
@@ -131,6 +133,7 @@ def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_
         "rng": rng,
         "rng_per_rank": rng_per_rank,
         "world_size": world_size,
+        "held_out_digest": held_out_digest,
     }
 
 

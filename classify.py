@@ -64,7 +64,7 @@ import utils
 from checkpoint import atomic_write, load_model
 from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error,
                     gather_on_main, join_processes, leave_processes, report, speed_up_cpu, validation_seed)
-from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
+from dataset import (DataError, class_name, item_paths, items_digest, list_image_folder, load_images,
                      read_split_csv, root_relative, split_csv_path, split_items, to_model_input)
 
 PROG = "classify.py"
@@ -297,11 +297,13 @@ def find_inputs(data_dir, split, csv_path, num_classes):
     return items, item_paths(data_dir, None, items), None
 
 
-def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
+def held_out_inputs(data_dir, which, runs, checkpoints, num_classes):
     """(items with ids relative to data_dir, file paths, a description) of the `which` ("val" or
-    "report") images that the checkpoints' training run held out, from its stored split keys."""
+    "report") images that the checkpoints' training run held out, from its stored split keys;
+    UsageError where they are not the images it held out (`runs`: each checkpoint's "config" and
+    "held_out_digest", which checkpoints from before it lack)."""
     # Keys a checkpoint predates take their defaults, which are what that code did (no report split).
-    configs = [{**DEFAULTS, **config} for config in run_configs]
+    configs = [{**DEFAULTS, **run["config"]} for run in runs]
     splits = [{**{key: config[key] for key in SPLIT_KEYS}, "seed": validation_seed(config)}
               for config in configs]
     for path, split in zip(checkpoints, splits):
@@ -318,6 +320,12 @@ def held_out_inputs(data_dir, which, run_configs, checkpoints, num_classes):
         raise UsageError(f"--held-out {which}: the run of {checkpoints[0]} held out no {which} images "
                          f"(its {which}_fraction is 0)")
     items = root_relative(data_dir, csv_path, chosen)
+    digest = items_digest(items)
+    for path, run in zip(checkpoints, runs):
+        stored = (run["held_out_digest"] or {}).get(which)
+        if stored is not None and stored != digest:
+            raise UsageError(f"--held-out {which}: {data_dir} now gives other images than the run of {path} "
+                             f"held out (its CSVs changed since?); score its splits/{which}.csv with --csv")
     source = f"the {which} split of {checkpoints[0]}'s run"
     trained_on = configs[0]["train_on_held_out"]
     if which in trained_on.split("+"):
@@ -430,9 +438,9 @@ def check_options(args):
 
 def load_experts(checkpoints, device, temperature, say):
     """-> (the EMA models of the checkpoints, the posterior's temperature, their fitted priors or
-    None, their training configs): --temperature if given, else the mean of the checkpoints' stored
+    None, their runs' configs and held-out digests): --temperature if given, else the mean of the checkpoints' stored
     ones (1, with a note, where one has none). The models must agree on their labels and image size."""
-    models, stored, fitted, run_configs = [], [], [], []
+    models, stored, fitted, runs = [], [], [], []
     for path in checkpoints:
         model, state = load_model(path, device)
         if model.config["num_classes"] < 1:
@@ -445,17 +453,17 @@ def load_experts(checkpoints, device, temperature, say):
         models.append(model)
         stored.append(state.get("temperature"))
         fitted.append(state.get("fitted_prior"))
-        run_configs.append(state.get("config", {}))
+        runs.append({"config": state.get("config", {}), "held_out_digest": state.get("held_out_digest")})
     if temperature is not None:
-        return models, temperature, fitted, run_configs
+        return models, temperature, fitted, runs
     if None in stored:
         say(f"{PROG}: {checkpoints[stored.index(None)]} has no fitted temperature (it predates "
             f"calibration): posteriors at T = 1, near-certain; pass --temperature T to set one")
-        return models, 1.0, fitted, run_configs
+        return models, 1.0, fitted, runs
     if len(models) > 1:
         say(f"{PROG}: {len(models)} experts; posteriors at the mean of their temperatures, "
             f"{sum(stored) / len(stored):.4g} (fit one on held-out images: bench/calibration.py)")
-    return models, sum(stored) / len(stored), fitted, run_configs
+    return models, sum(stored) / len(stored), fitted, runs
 
 
 def stored_prior(checkpoints, fitted, temperature):
@@ -544,7 +552,7 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
 
 def run(args, rank, world_size, device):
     say = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints
-    models, temperature, fitted, run_configs = load_experts(args.checkpoint, device, args.temperature, say)
+    models, temperature, fitted, runs = load_experts(args.checkpoint, device, args.temperature, say)
     model = models[0]
     num_classes = model.config["num_classes"]
     explaining = args.explain is not None or args.explain_out is not None
@@ -552,7 +560,7 @@ def run(args, rank, world_size, device):
         raise UsageError(f"--explain compares two labels; {args.checkpoint[0]} has {num_classes}")
 
     if args.held_out is not None:
-        items, paths, source = held_out_inputs(args.data_dir, args.held_out, run_configs, args.checkpoint,
+        items, paths, source = held_out_inputs(args.data_dir, args.held_out, runs, args.checkpoint,
                                                num_classes)
     else:
         items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)

@@ -44,6 +44,7 @@ make_demo_dataset(root, seed=0, n_per_class=..., n_val_per_class=..., n_test_per
     (labels -1, as in CPEN455; the true labels are in root/test_answers.csv). Reused if present.
 """
 import csv
+import hashlib
 import json
 import os
 
@@ -333,6 +334,14 @@ def root_relative(root, csv_path, items):
     """The items with ids relative to root ("/"-separated), which a CSV anywhere can list."""
     return [(os.path.relpath(image_path(root, csv_path, item_id), root).replace(os.sep, "/"), label)
             for item_id, label in items]
+
+
+def items_digest(items):
+    """A fingerprint of a set of (id, label) items, whatever their order: train.py stores those of
+    its held-out splits, and classify.py --held-out checks that it recomputed the same images."""
+    text = "".join(f"{item_id},{label}\n" for item_id, label in sorted(items))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 # ---------------------------------------------------------------------------------------------
 # The procedural demo data set.

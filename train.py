@@ -456,8 +456,9 @@ class Trainer:
             dist.all_gather_object(per_rank, rng)
         if self.is_main:
             self.progress.elapsed = self.elapsed()
+            digest = {name: dataset.items_digest(items) for name, items in self.held_out.items()}
             state = training_state(self.model, self.ema, self.optimizer, self.scheduler, self.config,
-                                   self.progress, rng, per_rank, self.world_size)
+                                   self.progress, rng, per_rank, self.world_size, digest)
             save_checkpoint(os.path.join(self.config["out_dir"], name), state)
 
     def resume(self, state):

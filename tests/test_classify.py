@@ -416,6 +416,15 @@ def test_held_out_scores_what_the_training_run_held_out(tmp_path, capsys):
         assert rc == 0 and ("which it also trained on" in out) == trained_on
         assert csv_ids(tmp_path / "final.csv")[1:] == csv_ids(run / "splits" / f"{which}.csv")
 
+    # The data root changed since training (a report image left train.csv): the split recomputed
+    # from it is not what the run held out, and classify.py says so instead of scoring it.
+    first_report_row = (run / "splits" / "report.csv").read_text().splitlines()[0]
+    train_csv = tmp_path / "demo" / "train.csv"
+    train_csv.write_text("".join(row + "\n" for row in train_csv.read_text().splitlines() if row != first_report_row))
+    rc, _, err = run_main(capsys, "--checkpoint", run / "last.pt", "--data-dir", data, "--held-out", "report",
+                          "--out", tmp_path / "stale.csv")
+    assert rc == 2 and "now gives other images" in err and not (tmp_path / "stale.csv").exists()
+
 
 def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
     path = tmp_path / "uncond.pt"
