@@ -10,6 +10,8 @@ DataError(config.UsageError)             one line that names the file (and CSV r
 class_name(k) -> str                      "Class{k}"
 IMAGE_EXTENSIONS                          (".jpg", ".jpeg", ".png", ".bmp", ".webp"), any case
 split_csv_path(root, split) -> str        root/<split>.csv
+parse_split_csv(csv_path, num_classes=None, allow_unknown=True) -> list[(id, label)]  the rows of
+    a split CSV, labels checked (as read_split_csv) but files not looked for
 read_split_csv(root, csv_path, num_classes=None, allow_unknown=True) -> list[(id, label)]
     CSV rows "id,label": no header or a header "id,label", CRLF or LF, ids such as
     "train/0000001.jpg" (relative to root) or bare names "0000001.jpg" (relative to

@@ -54,7 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import fid
-from checkpoint import load_model
+from checkpoint import atomic_write, load_model
 from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error, gather_on_main,
                     join_processes, leave_processes, report, speed_up_cpu)
 from dataset import DataError, class_name, image_path, list_image_folder, load_images
@@ -368,8 +368,8 @@ def score_fid(args, gen_feats, gen_labels, ref_feats, ref_labels):
               f"reference images, {dims} dims)")
     summary = {"fid_dims": dims, "reference": args.fid_ref, "checkpoint": args.checkpoint,
                "seed": args.seed, "sampler": args.sampler, "results": results, "warnings": messages}
-    with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    text = json.dumps(summary, indent=2)
+    atomic_write(os.path.join(args.out_dir, "fid.json"), lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

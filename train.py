@@ -241,8 +241,8 @@ class Trainer:
             else:
                 cut_metrics_back(c["out_dir"], self.progress.step)
             self.write_splits()
-            with open(os.path.join(c["out_dir"], "config.yaml"), "w") as f:
-                yaml.safe_dump(c, f, sort_keys=False)
+            text = yaml.safe_dump(c, sort_keys=False)
+            atomic_write(os.path.join(c["out_dir"], "config.yaml"), lambda f: f.write(text.encode()))
             self.wandb_run = start_wandb(c, self.progress.wandb_id, self.log)
 
     def write_splits(self):
