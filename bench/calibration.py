@@ -69,8 +69,8 @@ def run(args):
     state = load_checkpoint(args.checkpoint) if args.save or args.held_out else None  # fail before any figures
     log_likelihoods = read_logits(args.logits)
     if args.held_out:
-        items = held_out_inputs(args.data_dir, args.held_out, [state["config"]], [args.checkpoint],
-                                log_likelihoods.shape[1])[0]
+        run = {"config": state["config"], "held_out_digest": state.get("held_out_digest")}
+        items = held_out_inputs(args.data_dir, args.held_out, [run], [args.checkpoint], log_likelihoods.shape[1])[0]
         source = f"--held-out {args.held_out}"
     else:
         items, source = dataset.parse_split_csv(args.csv, log_likelihoods.shape[1], allow_unknown=False), args.csv

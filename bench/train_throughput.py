@@ -131,7 +131,7 @@ def reference_flops(model, step):
     shifted = [m for m in model.modules() if isinstance(m, getattr(layers, "ShiftedConv2d", ()))]
     saved = [(m.forward, m.conv.padding) for m in shifted]
     for m in shifted:
-        m.forward = lambda x, m=m: m.conv(F.pad(x, m.pad))
+        m.forward = lambda x, m=m: m.conv(F.pad(x, (*m.pad, 0)))  # (left, right, top, bottom)
         m.conv.padding = 0
     try:
         with FlopCounterMode(display=False) as counter:
