@@ -429,6 +429,7 @@ def make_demo_dataset(root, seed=0, n_per_class=200, n_val_per_class=50, n_test_
     elif os.path.isdir(root) and os.listdir(root):
         raise DataError(f"{root}: not empty and not a demo data set; refusing to write the demo data there")
     os.makedirs(root, exist_ok=True)
+    _write_marker(marker, {**params, "complete": False})  # a generation cut short is redone, not refused
     rng = np.random.RandomState(seed)
     num_classes = len(DEMO_CLASSES)
     for split, n, known in (("train", n_per_class, True), ("val", n_val_per_class, True),
@@ -439,7 +440,11 @@ def make_demo_dataset(root, seed=0, n_per_class=200, n_val_per_class=50, n_test_
             with open(os.path.join(root, "test_answers.csv"), "w", newline="") as f:
                 for item_id, label in rows:
                     f.write(f"{item_id},{label}\r\n")
+    _write_marker(marker, params)
+    return root
+
+
+def _write_marker(marker, params):
     with open(marker + ".tmp", "w") as f:
         json.dump(params, f)
     os.replace(marker + ".tmp", marker)
-    return root

@@ -195,6 +195,23 @@ def test_demo_dataset_deterministic_and_readable(tmp_path):
     assert torch.cdist(means, means).add(torch.eye(4) * 1e3).min() > 10
 
 
+def test_a_demo_generation_cut_short_is_redone(tmp_path, monkeypatch):
+    kwargs = dict(seed=5, n_per_class=3, n_val_per_class=2, n_test_per_class=1, image_size=16)
+    whole = ds.make_demo_dataset(str(tmp_path / "whole"), **kwargs)
+    real_write = ds._write_demo_split
+
+    def killed_after_train(root, split, *args):
+        if split != "train":
+            raise KeyboardInterrupt
+        return real_write(root, split, *args)
+    monkeypatch.setattr(ds, "_write_demo_split", killed_after_train)
+    cut = str(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        ds.make_demo_dataset(cut, **kwargs)
+    monkeypatch.undo()
+    assert tree_digest(ds.make_demo_dataset(cut, **kwargs)) == tree_digest(whole)
+
+
 def test_demo_refuses_foreign_directory(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ds.DataError, match="refusing"):
