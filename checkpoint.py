@@ -137,15 +137,22 @@ def training_state(model, ema, optimizer, scheduler, config, progress, rng, rng_
     }
 
 
-def restore_training_state(state, model, ema, optimizer, scheduler, source):
-    """Load a training_state() dict into the objects; -> its Progress. CheckpointError names
-    `source` when the dict is not a train.py checkpoint or does not fit the objects."""
+def check_resumable(state, source):
+    """CheckpointError naming `source` unless `state` is a whole training_state() dict (a copy
+    written to ship has no optimizer state)."""
     keys = [f.name for f in fields(Progress)]
     required = [key for key in keys if key not in ("temperature", "fitted_prior")]  # older checkpoints have none
     missing = [key for key in ("model", "ema", "optimizer", "scheduler", "rng", *required) if key not in state]
     if missing:
         raise CheckpointError(f"{source}: cannot resume from it: not a train.py checkpoint "
                               f"(no {missing[0]!r}); it can still be used for classify/sample")
+
+
+def restore_training_state(state, model, ema, optimizer, scheduler, source):
+    """Load a training_state() dict into the objects; -> its Progress. CheckpointError names
+    `source` when the dict is not a train.py checkpoint or does not fit the objects."""
+    check_resumable(state, source)
+    keys = [f.name for f in fields(Progress)]
     try:
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])

@@ -33,7 +33,11 @@ class UsageError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gives one stderr line (and exit code 2), no usage dump."""
+    """argparse, but a bad command line gives one stderr line (and exit code 2), no usage dump,
+    and a flag is never guessed from a prefix (--n-per-clas is an error, not --n-per-class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
@@ -190,7 +194,7 @@ def parse_duration(value):
 def training_parser(prog, description):
     """The train.py command line: --config FILE and one flag per key (dashes or underscores)."""
     p = ArgumentParser(prog=prog, usage=f"{prog} [--config FILE] [--key [VALUE] ...]",
-                       description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                       description=description, argument_default=argparse.SUPPRESS,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="a YAML file of key: value (configs/)")
     for key in KEYS:

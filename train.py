@@ -26,8 +26,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import dataset
-from checkpoint import (Progress, atomic_write, load_checkpoint, remove_cut_short_writes, restore_rng,
-                        restore_training_state, rng_state, save_checkpoint, seed_everything,
+from checkpoint import (Progress, atomic_write, check_resumable, load_checkpoint, remove_cut_short_writes,
+                        restore_rng, restore_training_state, rng_state, save_checkpoint, seed_everything,
                         training_state)
 from config import (DEFAULTS, UsageError, check_output, first_line, join_processes, leave_processes,
                     merge_on_resume, native_bf16, parse_duration, parse_training_args, report, resume_path,
@@ -51,6 +51,7 @@ def resolve_config(argv):
         return config, None
     source = resume_path(config)
     state = load_checkpoint(source)
+    check_resumable(state, source)  # before the data is read
     return validate_config(merge_on_resume(state["config"], given, source)), state
 
 
@@ -337,8 +338,8 @@ class Trainer:
                              f"{os.path.join(c['out_dir'], 'last.pt')}; continue with --resume")
                     raise Stop(128 + self.signal_received)
                 if stopped == "time":
-                    self.log(f"max_time {c['max_time']} reached at epoch {p.epoch}, "
-                             f"batch {p.batch_in_epoch}: evaluating and saving")
+                    self.log(f"max_time {c['max_time']} reached after {p.epoch} epochs and "
+                             f"{p.batch_in_epoch} batches: evaluating and saving")
                     self.evaluate_and_log()
                     self.save("last.pt")
                     return 0

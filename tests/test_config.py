@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from config import (DEFAULTS, UsageError, first_error, gather_on_main, join_processes, leave_processes,
+from config import (DEFAULTS, ArgumentParser, UsageError, first_error, gather_on_main, join_processes, leave_processes,
                     merge_on_resume, parse_duration, parse_training_args, training_parser, validate_config)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -78,6 +78,11 @@ def test_flags_are_never_guessed_from_a_prefix(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(["--lr-dec", "0.9"])
     assert exit_info.value.code == 2 and "--lr-dec" in capsys.readouterr().err
+    parser = ArgumentParser(prog="sample.py")  # the other CLIs' parser
+    parser.add_argument("--n-per-class", type=int)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--n-per-clas", "4"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def test_resuming_keeps_the_stored_config_but_not_a_new_model():

@@ -17,7 +17,7 @@ import dataset  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from utils import training_loss  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import for_inference, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
 TINY = ["--nr-resnet", "1", "--nr-filters", "8", "--nr-logistic-mix", "2", "--embedding-dim", "4",
         "--image-size", "8", "--dropout", "0.2", "--batch-size", "8", "--eval-batch-size", "16",
@@ -280,6 +280,16 @@ def test_a_second_signal_stops_at_once_without_saving(tiny_data, tmp_path, monke
     assert train.main(args(tiny_data, out, "--epochs", "3", "--resume")) == 130
     assert "interrupted" in capsys.readouterr().err
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_shipped_copy_is_refused_before_the_data_is_read(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    save_checkpoint(tmp_path / "shipped.pt", for_inference(load_checkpoint(out / "last.pt")))
+    capsys.readouterr()
+    assert train.main(args(str(tmp_path / "no-data"), tmp_path / "again", "--resume", tmp_path / "shipped.pt")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume from it" in err[0]
 
 
 def test_resume_cannot_change_the_model(tiny_data, tmp_path, capsys):
