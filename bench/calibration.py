@@ -98,9 +98,9 @@ def run(args):
 
 def cross_fitting_halves(items):
     """-> [(fit indices, score indices, name)] for the two stratified halves of `items` (seed 0)."""
-    index = {item_id: i for i, (item_id, _) in enumerate(items)}
-    first, second = (torch.tensor([index[i] for i, _ in half])
-                     for half in dataset.split_train_val(items, 0.5, seed=0))
+    rows = [(row, label) for row, (_, label) in enumerate(items)]  # by row: a CSV may repeat an id
+    first, second = (torch.tensor([row for row, _ in half])
+                     for half in dataset.split_train_val(rows, 0.5, seed=0))
     return [(first, second, "fitted on half A, scored on half B"),
             (second, first, "fitted on half B, scored on half A")]
 
@@ -113,6 +113,8 @@ def read_logits(logits_path):
         raise UsageError(f"--logits {logits_path}: not a .npy array ({first_line(err)})") from None
     if log_likelihoods.ndim != 2:
         raise UsageError(f"--logits {logits_path}: expected [images, classes], got shape {list(log_likelihoods.shape)}")
+    if not log_likelihoods.isfinite().all():
+        raise UsageError(f"--logits {logits_path}: holds NaN or infinite values")
     return log_likelihoods
 
 

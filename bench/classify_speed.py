@@ -9,7 +9,6 @@ classify.py prints (scoring only, not start-up), the median of the rounds and th
 compares the two runs' log-likelihoods (--logits): the largest difference in nats, and every image
 whose predicted label differs.
 """
-import argparse
 import os
 import re
 import statistics
@@ -20,6 +19,11 @@ import tempfile
 import numpy as np
 
 from reference import ROOT, worktree
+
+sys.path.insert(0, ROOT)
+from config import ArgumentParser, UsageError, report  # noqa: E402
+
+PROG = "classify_speed.py"
 
 
 def classify(code, args, extra, logits):
@@ -33,7 +37,7 @@ def classify(code, args, extra, logits):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--ref", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-dir", required=True)
@@ -44,12 +48,16 @@ def main():
     for name in ("checkpoint", "data_dir", "csv"):
         setattr(args, name, os.path.abspath(getattr(args, name)))
     speeds = {"this": [], args.ref: []}
-    with worktree(args.ref) as ref_code, tempfile.TemporaryDirectory() as tmp:
-        codes = {"this": ROOT, args.ref: ref_code}
-        for _ in range(args.rounds):
-            for name, code in codes.items():
-                speeds[name].append(classify(code, args, extra, os.path.join(tmp, f"{len(speeds[name])}-{name}.npy")))
-        this, ref = (np.load(os.path.join(tmp, f"0-{name}.npy")) for name in codes)
+    try:
+        with worktree(args.ref) as ref_code, tempfile.TemporaryDirectory() as tmp:
+            codes = {"this": ROOT, args.ref: ref_code}
+            for _ in range(args.rounds):
+                for name, code in codes.items():
+                    logits = os.path.join(tmp, f"{len(speeds[name])}-{name}.npy")
+                    speeds[name].append(classify(code, args, extra, logits))
+            this, ref = (np.load(os.path.join(tmp, f"0-{name}.npy")) for name in codes)
+    except UsageError as err:  # a --ref that git cannot check out
+        return report(PROG, err)
     median = {name: statistics.median(values) for name, values in speeds.items()}
     print(f"classify.py on {args.csv} ({len(this)} images), extra flags: {' '.join(extra) or 'none'}")
     print("| code | images/s, each round | median | vs ref |")
@@ -63,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

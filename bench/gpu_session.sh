@@ -23,10 +23,11 @@
 #   cat run.tar.part* | tar x       # -> runs/gpu-f48-aug/... (or RUN's folder)
 # Through the device tool, with the data (and the run to resume) in ignored folders, carried:
 #   cp -r ../shared/data/cpen455 data/
-#   run(command="bash bench/gpu_session.sh data/cpen455 7", carry=["data/cpen455"], timeout_s=570)
-#   run(command="RESUME=runs/gpu-f48-aug/last.pt bash bench/gpu_session.sh data/cpen455 8",
+# Overrun 570 s and a call returns nothing: throughput (<= 90 s) + MINUTES (5, or 7 resuming) + ~2 min to start and score.
+#   run(command="bash bench/gpu_session.sh data/cpen455 5", carry=["data/cpen455"], timeout_s=570)
+#   run(command="RESUME=runs/gpu-f48-aug/last.pt bash bench/gpu_session.sh data/cpen455 7",
 #       carry=["data/cpen455", "runs/gpu-f48-aug/last.pt", "runs/gpu-f48-aug/metrics.jsonl"], timeout_s=570)
-#   run(command="RUN=runs/f48-aug-all RESUME=runs/f48-aug-all/last.pt bash bench/gpu_session.sh data/cpen455 8",
+#   run(command="RUN=runs/f48-aug-all RESUME=runs/f48-aug-all/last.pt bash bench/gpu_session.sh data/cpen455 7",
 #       carry=["data/cpen455", "runs/f48-aug-all/last.pt", "runs/f48-aug-all/metrics.jsonl"], timeout_s=570)
 set -uo pipefail
 data=${1:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
@@ -46,7 +47,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
 
 if [ -z "${RESUME:-}" ] && [ "${STEPS:-20}" != 0 ]; then
   echo "== throughput: the recipe's network at batch 32 (compile: torch.compile, whose warm-up is not timed)"
-  timeout 240 python bench/train_throughput.py --device "$device" --configs "configs/cpen455.yaml:nr_filters=48" \
+  timeout 90 python bench/train_throughput.py --device "$device" --configs "configs/cpen455.yaml:nr_filters=48" \
       --variants fp32 bf16 compile --rounds 1 --steps "${STEPS:-20}" --batch-size 32
 fi
 
@@ -72,6 +73,7 @@ for split in val report; do
       --device "$device" --no-progress --out "$run/${split}_step$step.csv" \
       --metrics-out "$run/${split}_step$step.json" 2>&1 | tail -n 2
 done
+rm -f "$out"/run.tar.part*   # an earlier session's parts would join this run's in cat run.tar.part*
 tar cf runs/gpu-run.tar --exclude=best.pt "$run" && split -b 15M -d runs/gpu-run.tar "$out/run.tar.part"
 ls -l "$out"
 echo "== done $(date -u)"

@@ -9,11 +9,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 
 @contextlib.contextmanager
 def worktree(ref):
-    """The repository at commit `ref`, checked out into a temporary folder (removed afterwards)."""
+    """The repository at commit `ref`, checked out into a temporary folder (removed afterwards).
+    A `ref` that git cannot check out is a UsageError (the caller has this checkout on sys.path;
+    a timed process, which imports another commit's code, never gets here)."""
     with tempfile.TemporaryDirectory(prefix="bench-ref-") as parent:
         path = os.path.join(parent, "code")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, ref], check=True,
-                       capture_output=True)
+        added = subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, ref],
+                               capture_output=True, text=True)
+        if added.returncode != 0:
+            from config import UsageError
+            lines = added.stderr.strip().splitlines() or ["git worktree add failed"]
+            raise UsageError(f"--ref {ref}: {lines[-1]}")  # git's 'fatal: ...' line
         try:
             yield path
         finally:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402  (the repository root is on the path only now)
 from checkpoint import atomic_write  # noqa: E402
-from config import ArgumentParser, UsageError, first_line, report, speed_up_cpu  # noqa: E402
+from config import ArgumentParser, UsageError, check_output, first_line, report, speed_up_cpu  # noqa: E402
 from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
 
@@ -113,6 +113,9 @@ def check_args(args):
         raise UsageError(f"--judge: file not found: {args.judge}")
     if args.samples and not os.path.isdir(args.samples):
         raise UsageError(f"--samples: folder not found: {args.samples}")
+    for option, path in (("--save-judge", args.save_judge), ("--out", args.out)):
+        if path:
+            check_output(option, path)  # now, not after minutes of training
 
 
 def read_cpen455(root, progress=True):

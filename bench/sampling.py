@@ -26,6 +26,8 @@ import yaml
 
 from reference import ROOT, worktree
 
+PROG = "sampling.py"
+
 
 class StopAfter:
     """A progress hook that ends sampling after `limit` pixels, so that a run can be timed on its start."""
@@ -87,18 +89,18 @@ def model_and_labels(path, batch, device):
 
 
 def fast_against_ref(args):
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
-          f"cached sampler, seconds per batch, {args.rounds} rounds")
-    print(f"| config | batch | this checkout | {args.ref} | {args.ref} / this |")
-    print("|---|---|---|---|---|")
-    with worktree(args.ref) as ref_code:
+    with worktree(args.ref) as ref_code:  # first: a bad REF fails before the table starts
+        print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
+              f"cached sampler, seconds per batch, {args.rounds} rounds")
+        print(f"| config | batch | this checkout | {args.ref} | {args.ref} / this |")
+        print("|---|---|---|---|---|")
         for path in args.configs:
             for batch in args.batches:
                 seconds = {ROOT: [], ref_code: []}
                 for _ in range(args.rounds):
                     for code in seconds:
                         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--code", code,
-                                              "--one", os.path.join(ROOT, path), str(batch), "--device", args.device],
+                                              "--one", os.path.abspath(path), str(batch), "--device", args.device],
                                              capture_output=True, text=True, check=True)
                         seconds[code].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 this, ref = (statistics.median(v) for v in seconds.values())
@@ -107,7 +109,14 @@ def fast_against_ref(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # A timed process (--one) imports the code under test, maybe another commit's, so it must not
+    # import this checkout's config.py first: its parser is argparse's own.
+    if "--one" in sys.argv[1:]:
+        parser_class = argparse.ArgumentParser
+    else:
+        sys.path.insert(0, ROOT)
+        from config import ArgumentParser as parser_class
+    parser = parser_class(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["configs/demo.yaml", "configs/cpen455.yaml"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--naive-budget", type=float, default=60.0)
@@ -117,6 +126,9 @@ def main():
     parser.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)  # the code to time
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: config, batch -> seconds
     args = parser.parse_args()
+    for path in args.configs if not args.one else []:  # a timed process gets a checked --one path
+        if not os.path.isfile(path):
+            parser.error(f"config file not found: {path}")
     sys.path.insert(0, args.code)
     device = torch.device(args.device)
     if args.one:
@@ -127,7 +139,11 @@ def main():
         print(json.dumps(time_sampler(model, labels, "fast", None, device)))
         return
     if args.ref:
-        fast_against_ref(args)
+        from config import UsageError, report
+        try:
+            fast_against_ref(args)
+        except UsageError as err:  # a REF that git cannot check out
+            return report(PROG, err)
         return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print("| config | batch | naive s/image-batch | fast s/image-batch | naive/fast | naive timed on |")
@@ -150,4 +166,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

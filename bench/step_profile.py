@@ -11,7 +11,6 @@ torch.profiler adds enough of its own work per call to misplace time between sma
 operators, which is why this does not use it. Run it alone on the machine: anything else running
 is counted into the operators it preempts.
 """
-import argparse
 import collections
 import statistics
 import sys
@@ -20,8 +19,14 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train_throughput import OPTIONS, read_config, step_function
+from train_throughput import OPTIONS, check_config, read_config, step_function
 from reference import ROOT
+
+sys.path.insert(0, ROOT)
+from config import ArgumentParser, UsageError, report, speed_up_cpu  # noqa: E402
+from model import MODEL_DEFAULTS, build_model  # noqa: E402
+
+PROG = "step_profile.py"
 
 CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
 
@@ -53,7 +58,7 @@ def seconds_per_step(step, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/seed.yaml:nr_resnet=1,nr_filters=40,nr_logistic_mix=5")
     parser.add_argument("--variant", default="channels_last")
     parser.add_argument("--steps", type=int, default=5)
@@ -66,10 +71,11 @@ def main():
         parser.error(f"variant {args.variant!r}: use fp32, channels_last, bf16 or their '+' joins")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        check_config(args.config)
+    except UsageError as err:
+        return report(PROG, err)
 
-    sys.path.insert(0, ROOT)
-    from config import speed_up_cpu
-    from model import MODEL_DEFAULTS, build_model
     speed_up_cpu()  # train.py's CPU settings
     config = read_config(args.config)
     batch_size = args.batch_size or config["batch_size"]
@@ -100,4 +106,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

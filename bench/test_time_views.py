@@ -10,7 +10,6 @@ draws them. Every view is scored under every label once (classify.score_images);
 accuracy is then the mean of its views' log-likelihoods, as `classify.py --hflip` takes for
 "id+flip". The rows are printed, not chosen: choose on one split and report on another.
 """
-import argparse
 import os
 import sys
 
@@ -21,9 +20,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import load_model  # noqa: E402
 from classify import score_images  # noqa: E402
-from config import speed_up_cpu  # noqa: E402
+from config import ArgumentParser, UsageError, report, speed_up_cpu  # noqa: E402
 from dataset import item_paths, load_images, read_split_csv  # noqa: E402
 
+PROG = "test_time_views.py"
 SHIFTS = {d: [(d, 0), (-d, 0), (0, d), (0, -d)] for d in (1, 2)}
 VIEW_SETS = {"id": ["id"], "id+flip": ["id", "flip"],
              "id+shift1": ["id", *SHIFTS[1]], "id+shift2": ["id", *SHIFTS[2]],
@@ -49,7 +49,7 @@ def view(images, name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--csv", required=True)
@@ -57,10 +57,13 @@ def main():
     args = parser.parse_args()
     speed_up_cpu()
     device = torch.device("cpu")
-    model, _ = load_model(args.checkpoint, device)
-    K, size = model.config["num_classes"], model.config["image_size"]
-    items = read_split_csv(args.data_dir, args.csv, num_classes=K, allow_unknown=False)
-    images = load_images(item_paths(args.data_dir, args.csv, items), size)
+    try:
+        model, _ = load_model(args.checkpoint, device)
+        K, size = model.config["num_classes"], model.config["image_size"]
+        items = read_split_csv(args.data_dir, args.csv, num_classes=K, allow_unknown=False)
+        images = load_images(item_paths(args.data_dir, args.csv, items), size)
+    except UsageError as err:  # also CheckpointError and DataError
+        return report(PROG, err)
     labels = np.array([label for _, label in items])
     names = sorted({v for views in VIEW_SETS.values() for v in views}, key=str)
     loglik = {name: score_images(model, view(images, name), K, args.batch_size, device)[0]
@@ -72,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from reference import ROOT, worktree
+PROG = "train_throughput.py"
 OPTIONS = ("fp32", "channels_last", "bf16", "compile", "compile_blocks")
 
 
@@ -74,7 +75,6 @@ def matmul_rate(dtype, device, n=2048, repeats=10):
 def matmul_rates(device):
     """{'fp32': GFLOP/s, 'bf16': GFLOP/s or None}. bf16 is timed only where the device has it
     natively: emulated, a 2048x2048 product takes seconds (about 1 GFLOP/s on an AVX2 CPU)."""
-    sys.path.insert(0, ROOT)
     from config import native_bf16
     return {"fp32": matmul_rate(torch.float32, device),
             "bf16": matmul_rate(torch.bfloat16, device) if native_bf16(device) else None}
@@ -121,24 +121,32 @@ def step_function(model, config, variant, batch_size, device, batch=None):
     return step
 
 
-def reference_flops(model, step):
-    """FLOPs of one step with every shifted convolution written as pad-then-convolve (the
-    reference formulation): this code convolves with the conv's own padding and crops, which
-    computes a few percent more outputs than it keeps."""
-    from torch.utils.flop_counter import FlopCounterMode
+@contextlib.contextmanager
+def explicitly_padded(model):
+    """`model` with every shifted convolution written as pad-then-convolve (the reference
+    formulation): this code convolves with the conv's own padding and crops, which computes a few
+    percent more outputs than it keeps."""
     import layers
     import torch.nn.functional as F
     shifted = [m for m in model.modules() if isinstance(m, getattr(layers, "ShiftedConv2d", ()))]
-    saved = [(m.forward, m.conv.padding) for m in shifted]
+    paddings = [m.conv.padding for m in shifted]
     for m in shifted:
-        m.forward = lambda x, m=m: m.conv(F.pad(x, (*m.pad, 0)))  # (left, right, top, bottom)
+        # pad is (left, right, top), or (left, right, top, bottom) in older commits that --ref times
+        m.forward = lambda x, m=m: m.conv(F.pad(x, (*m.pad, 0, 0)[:4]))
         m.conv.padding = 0
     try:
-        with FlopCounterMode(display=False) as counter:
-            step()
+        yield model
     finally:
-        for m, (forward, padding) in zip(shifted, saved):
-            m.forward, m.conv.padding = forward, padding
+        for m, padding in zip(shifted, paddings):
+            del m.forward  # the class's own forward again
+            m.conv.padding = padding
+
+
+def reference_flops(model, step):
+    """FLOPs of one step of `model`, explicitly padded (see explicitly_padded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with explicitly_padded(model), FlopCounterMode(display=False) as counter:
+        step()
     return counter.get_total_flops()
 
 
@@ -175,14 +183,11 @@ def measure(config, variant, steps, batch_size, device, batch=None):
 def real_batch(data_dir, config, batch_size, path):
     """Save the first `batch_size` images of <data_dir>/train.csv and their labels to `path`,
     loaded by this checkout's dataset.py, for every timed process to read."""
-    sys.path.insert(0, ROOT)
     import dataset
-    try:
-        items, images = dataset.load_labelled_split(data_dir, "train", config["image_size"], config["num_classes"])
-    except dataset.DataError as err:
-        sys.exit(f"train_throughput.py: {err}")
+    from config import UsageError
+    items, images = dataset.load_labelled_split(data_dir, "train", config["image_size"], config["num_classes"])
     if len(items) < batch_size:
-        sys.exit(f"train_throughput.py: {data_dir} has {len(items)} training images, fewer than a batch of {batch_size}")
+        raise UsageError(f"{data_dir} has {len(items)} training images, fewer than a batch of {batch_size}")
     torch.save((images[:batch_size], torch.tensor([label for _, label in items[:batch_size]])), path)
 
 
@@ -199,8 +204,27 @@ def run_one(code, spec, variant, args, batch_file=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def check_config(spec):
+    """UsageError unless `spec` names a config file and overrides only keys of this checkout's
+    config. Only the parent process checks: a timed one imports nothing of this checkout."""
+    from config import DEFAULTS, UsageError, read_yaml_config
+    path, _, overrides = spec.partition(":")
+    read_yaml_config(os.path.join(ROOT, path))
+    for item in filter(None, overrides.split(",")):
+        key = item.partition("=")[0]
+        if key not in DEFAULTS:
+            raise UsageError(f"{spec}: unknown config key {key!r}")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # A timed process (--one) imports the code under test, maybe another commit's, so it must not
+    # import this checkout's config.py first: its parser is argparse's own.
+    if "--one" in sys.argv[1:]:
+        parser_class = argparse.ArgumentParser
+    else:
+        sys.path.insert(0, ROOT)
+        from config import ArgumentParser as parser_class
+    parser = parser_class(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["configs/cpen455.yaml"])
     parser.add_argument("--variants", nargs="+", default=["fp32", "channels_last", "bf16", "bf16+channels_last"])
     parser.add_argument("--ref", default=None, help="also time the code of this git commit")
@@ -227,8 +251,23 @@ def main():
         result = measure(config, args.one, args.steps, args.batch_size or config["batch_size"],
                          torch.device(args.device), batch)
         print(json.dumps(result))
-        return
+        return 0
+    from config import UsageError, report
+    try:
+        compare(args)
+    except UsageError as err:  # also DataError
+        return report(PROG, err)
+    return 0
 
+
+def compare(args):
+    """Every variant of every config, --rounds times in turn, and the tables."""
+    from config import UsageError
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for spec in args.configs:
+        check_config(spec)
     with contextlib.ExitStack() as stack:
         batch_files = {}  # config spec -> its batch of --data-dir, read first: a bad path fails at once
         if args.data_dir:
@@ -237,16 +276,16 @@ def main():
                 config = read_config(spec)
                 batch_files[spec] = os.path.join(scratch, f"batch{i}.pt")
                 real_batch(args.data_dir, config, args.batch_size or config["batch_size"], batch_files[spec])
+        rows = [(ROOT, variant, variant) for variant in args.variants]
+        if args.ref:  # checked out before any timing: a bad REF fails at once
+            ref_code = stack.enter_context(worktree(args.ref))
+            rows = [(ref_code, v, f"{args.ref} {v}") for v in args.ref_variants] + rows
         rates = matmul_rates(torch.device(args.device))
         bf16_rate = f"{rates['bf16']:.0f} in bfloat16" if rates["bf16"] else "bfloat16 not native here (not timed)"
         print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
               f"2048x2048 torch.mm: {rates['fp32']:.0f} GFLOP/s in float32, {bf16_rate}")
         if args.data_dir:
             print(f"images: the first of {os.path.join(args.data_dir, 'train.csv')}")
-        rows = [(ROOT, variant, variant) for variant in args.variants]
-        if args.ref:
-            ref_code = stack.enter_context(worktree(args.ref))
-            rows = [(ref_code, v, f"{args.ref} {v}") for v in args.ref_variants] + rows
         for spec in args.configs:
             config = read_config(spec)
             model_keys = ", ".join(f"{k} {config[k]}" for k in ("nr_resnet", "nr_filters", "nr_logistic_mix"))
@@ -277,4 +316,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

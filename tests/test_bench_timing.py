@@ -1,5 +1,6 @@
-"""The timing benchmarks still run against the code: bench/train_throughput.py credits every
-variant with the same work per image, bench/sampling.py prints a row per config and batch, and
+"""The timing benchmarks still run against the code: bench/train_throughput.py counts the work of
+a reference formulation that computes what the model computes, and says in one line what is wrong
+with its command line; bench/sampling.py prints a row per config and batch, and
 bench/classify_speed.py finds no difference between this checkout and itself. Tiny models, one
 step; the timings themselves are not checked (benchmarks, not tests)."""
 import json
@@ -8,13 +9,19 @@ import subprocess
 import sys
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import layers
 from checkpoint import save_checkpoint
 from config import native_bf16
 from dataset import make_demo_dataset
 from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
+
+from train_throughput import explicitly_padded  # noqa: E402
+
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 TINY = "nr_resnet=1,nr_filters=8,nr_logistic_mix=2,image_size=8"
 
@@ -26,21 +33,45 @@ def bench(script, *argv):
     return out.stdout
 
 
-def test_train_throughput_counts_the_same_work_for_every_variant():
-    results = {}
-    for variant in ("fp32", "channels_last"):
-        last = bench("train_throughput.py", "--configs", f"configs/demo.yaml:{TINY}", "--one", variant,
-                     "--steps", "1", "--batch-size", "2").strip().splitlines()[-1]
-        results[variant] = json.loads(last)
-    assert all(r["images_per_s"] > 0 for r in results.values())
-    assert results["fp32"]["gflop_per_image"] > 0
-    assert results["fp32"]["gflop_per_image"] == results["channels_last"]["gflop_per_image"]
+def test_the_reference_formulation_computes_what_the_model_computes():
+    """train_throughput.py credits a step with the FLOPs of the model with its shifted convs padded
+    explicitly: the same outputs, the stride-2 convs' included, from fewer multiply-adds."""
+    torch.manual_seed(0)
+    model = build_model({"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "num_classes": 4,
+                         "image_size": 8}).eval()
+    assert any(m.conv.stride == 2 for m in model.modules() if isinstance(m, layers.ShiftedConv2d))
+    x, labels = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randint(0, 4, (3,))
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as own:
+            expected = model(x, labels)
+        with explicitly_padded(model), FlopCounterMode(display=False) as reference:
+            padded = model(x, labels)
+        torch.testing.assert_close(padded, expected)
+        assert reference.get_total_flops() < own.get_total_flops()
+        with FlopCounterMode(display=False) as after:  # and the model is itself again
+            model(x, labels)
+    assert after.get_total_flops() == own.get_total_flops()
 
 
-def test_train_throughput_rejects_an_unknown_variant():
-    out = subprocess.run([sys.executable, "bench/train_throughput.py", "--variants", "fp33"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "unknown option 'fp33'" in out.stderr
+def test_train_throughput_times_one_variant_in_a_process():
+    last = bench("train_throughput.py", "--configs", f"configs/demo.yaml:{TINY}", "--one", "channels_last",
+                 "--steps", "1", "--batch-size", "2").strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result["images_per_s"] > 0 and result["gflop_per_image"] > 0
+
+
+def test_train_throughput_says_in_one_line_what_is_wrong(tmp_path):
+    cases = {
+        "unknown option 'fp33'": ["--variants", "fp33"],
+        "config file not found": ["--configs", str(tmp_path / "missing.yaml")],
+        "unknown config key 'nr_filter'": ["--configs", "configs/demo.yaml:nr_filter=8"],
+        "--rounds must be >= 1": ["--rounds", "0"],
+        "--steps must be >= 1": ["--steps", "0"],
+    }
+    for message, argv in cases.items():
+        out = subprocess.run([sys.executable, "bench/train_throughput.py", *argv], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
 
 
 def test_sampling_prints_a_row_per_config_and_batch(tmp_path):
@@ -87,10 +118,10 @@ def test_train_throughput_says_when_a_data_dir_has_too_few_images_for_a_batch(tm
     out = subprocess.run([sys.executable, "bench/train_throughput.py", "--configs", f"configs/demo.yaml:{TINY}",
                           "--variants", "fp32", "--rounds", "1", "--batch-size", "64", "--data-dir", root],
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert out.returncode == 1 and "fewer than a batch of 64" in out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "fewer than a batch of 64" in out.stderr
     out = subprocess.run([sys.executable, "bench/train_throughput.py", "--variants", "fp32",
                           "--data-dir", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert out.returncode == 1 and "data directory not found" in out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "data directory not found" in out.stderr
 
 
 def test_step_profile_accounts_for_the_step_operator_by_operator():

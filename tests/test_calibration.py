@@ -101,6 +101,17 @@ def test_held_out_takes_the_labels_of_the_split_the_run_held_out(tmp_path, capsy
     assert capsys.readouterr().out == from_csv
 
 
+def test_the_halves_split_the_rows_even_where_the_csv_repeats_an_id(tmp_path):
+    """Each id twice (a CSV that lists an image twice, with a row of --logits for each): the
+    halves share no row and together hold every row."""
+    csv = tmp_path / "twice.csv"
+    csv.write_text("".join(f"train/{i // 2:04d}.jpg,{i // 2 % 4}\n" for i in range(40)))
+    items = dataset.parse_split_csv(str(csv), 4, allow_unknown=False)
+    (fit_a, score_b, _), (fit_b, score_a, _) = calibration.cross_fitting_halves(items)
+    assert torch.equal(fit_a, score_a) and torch.equal(fit_b, score_b)
+    assert sorted(fit_a.tolist() + fit_b.tolist()) == list(range(40))
+
+
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     ll, labels = overconfident(n=20)
     logits, csv = write_inputs(tmp_path, ll, labels)
@@ -108,6 +119,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     np.save(short_logits, ll[:10])
     flat_logits = str(tmp_path / "flat.npy")
     np.save(flat_logits, ll[:, 0])
+    nan_logits = str(tmp_path / "nan.npy")
+    np.save(nan_logits, np.where(np.arange(20)[:, None] == 3, np.nan, ll))
+    inf_logits = str(tmp_path / "inf.npy")
+    np.save(inf_logits, np.where(np.arange(20)[:, None] == 3, -np.inf, ll))
     text = tmp_path / "text.npy"
     text.write_text("not numpy")
     wide_labels = tmp_path / "wide.csv"
@@ -120,6 +135,8 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         "has 20 images": ["--logits", short_logits, "--csv", csv],
         "expected [images, classes]": ["--logits", flat_logits, "--csv", csv],
         "not a .npy array": ["--logits", str(text), "--csv", csv],
+        f"{nan_logits}: holds NaN or infinite values": ["--logits", nan_logits, "--csv", csv],
+        f"{inf_logits}: holds NaN or infinite values": ["--logits", inf_logits, "--csv", csv],
         "label 4 is outside 0..3": ["--logits", logits, "--csv", str(wide_labels)],
         "CSV file not found": ["--logits", logits, "--csv", str(tmp_path / "no.csv")],
         "required": ["--csv", csv],

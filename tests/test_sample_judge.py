@@ -124,13 +124,15 @@ def bad_cases(demo_root, saved_judge, tmp_path):
         "not a judge saved by --save-judge": ["--judge", str(corrupt)],
         "--samples: folder not found": ["--samples", str(tmp_path / "missing")],
         "the layout of sample.py --out-dir": ["--samples", str(empty)],
+        f"--save-judge {tmp_path} is a directory": ["--save-judge", str(tmp_path)],
+        f"--out {corrupt / 'result.json'}: {corrupt} is a file": ["--out", str(corrupt / "result.json")],
     }
 
 
 def test_bad_inputs_exit_2_with_one_line(demo_root, saved_judge, tmp_path, capsys):
     for message, argv in bad_cases(demo_root, saved_judge, tmp_path).items():
         out = tmp_path / "result.json"
-        code = sample_judge.main(["--data-dir", demo_root, "--no-progress", *argv, "--out", str(out)])
+        code = sample_judge.main(["--data-dir", demo_root, "--no-progress", "--out", str(out), *argv])
         err = capsys.readouterr().err
         assert code == 2, argv
         assert err.count("\n") == 1 and message in err, err
