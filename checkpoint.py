@@ -10,6 +10,7 @@ As a command, it writes a train.py checkpoint without what only resuming needs, 
 """
 import os
 import random
+import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -72,10 +73,21 @@ def load_checkpoint(path, map_location="cpu"):
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for foreign or corrupt files
         raise CheckpointError(f"{path} is not a loadable checkpoint of plain tensors and "
-                              f"primitives ({first_line(err)})") from None
+                              f"primitives ({load_failure(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
     return state
+
+
+def load_failure(err):
+    """torch.load's reason in a few words: a weights_only refusal comes as a paragraph of advice."""
+    text = str(err)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"it holds a Python object, {refused.group(1)}, which could run code when loaded"
+    if "Weights only load failed" in text:
+        return "not a file torch.load reads with weights_only=True"
+    return first_line(err)
 
 
 def model_from_checkpoint(state, weights="ema"):

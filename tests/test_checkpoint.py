@@ -70,8 +70,12 @@ class Payload:
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": TINY, "payload": Payload()}, path)
-    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match="holds a Python object, print, which could run code") as refused:
         load_checkpoint(path)
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)  # one plain line
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
