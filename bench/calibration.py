@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from classify import held_out_inputs  # noqa: E402
-from config import ArgumentParser, UsageError, first_line, report  # noqa: E402
+from config import ArgumentParser, UsageError, check_output, first_line, report  # noqa: E402
 from utils import calibration_metrics, fit_prior, fit_temperature, log_posterior  # noqa: E402
 
 PROG = "calibration.py"
@@ -62,6 +62,8 @@ def main(argv=None):
 def run(args):
     if args.save and not args.checkpoint:
         raise UsageError("--save writes a copy of --checkpoint; name the checkpoint too")
+    if args.save:
+        check_output("--save", args.save)
     if (args.csv is None) == (args.held_out is None):
         raise UsageError("give the labels of the scored images: --csv PATH or --held-out val|report")
     if args.held_out and not (args.checkpoint and args.data_dir):

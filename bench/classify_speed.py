@@ -44,6 +44,8 @@ def main():
     parser.add_argument("--csv", required=True)
     parser.add_argument("--rounds", type=int, default=3)
     args, extra = parser.parse_known_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     extra = [a for a in extra if a != "--"]
     for name in ("checkpoint", "data_dir", "csv"):
         setattr(args, name, os.path.abspath(getattr(args, name)))
