@@ -438,8 +438,9 @@ def check_options(args):
 
 def load_experts(checkpoints, device, temperature, say):
     """-> (the EMA models of the checkpoints, the posterior's temperature, their fitted priors or
-    None, their runs' configs and held-out digests): --temperature if given, else the mean of the checkpoints' stored
-    ones (1, with a note, where one has none). The models must agree on their labels and image size."""
+    None, their runs' {"config", "held_out_digest"}): --temperature if given, else the mean of the
+    checkpoints' stored ones (1, with a note, where one has none). The models must agree on their
+    labels and image size."""
     models, stored, fitted, runs = [], [], [], []
     for path in checkpoints:
         model, state = load_model(path, device)
