@@ -1,10 +1,23 @@
 """The code of an earlier commit, for benchmarks that compare against it in one run."""
+import argparse
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout under test
+
+
+def parser(prog, description):
+    """The command line parser of a benchmark that times code in child processes (`--one`): this
+    checkout's config.ArgumentParser (one line, exit 2), but argparse's own in a timed process,
+    which imports the code under test, maybe another commit's, and must not import ours first."""
+    if "--one" in sys.argv[1:]:
+        return argparse.ArgumentParser(prog=prog, description=description)
+    sys.path.insert(0, ROOT)
+    from config import ArgumentParser
+    return ArgumentParser(prog=prog, description=description)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import time
 import torch
 import yaml
 
+import reference
 from reference import ROOT, worktree
 
 PROG = "sampling.py"
@@ -109,14 +110,7 @@ def fast_against_ref(args):
 
 
 def main():
-    # A timed process (--one) imports the code under test, maybe another commit's, so it must not
-    # import this checkout's config.py first: its parser is argparse's own.
-    if "--one" in sys.argv[1:]:
-        parser_class = argparse.ArgumentParser
-    else:
-        sys.path.insert(0, ROOT)
-        from config import ArgumentParser as parser_class
-    parser = parser_class(prog=PROG, description=__doc__.splitlines()[0])
+    parser = reference.parser(PROG, __doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["configs/demo.yaml", "configs/cpen455.yaml"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--naive-budget", type=float, default=60.0)

@@ -39,6 +39,7 @@ import time
 import torch
 import yaml
 
+import reference
 from reference import ROOT, worktree
 PROG = "train_throughput.py"
 OPTIONS = ("fp32", "channels_last", "bf16", "compile", "compile_blocks")
@@ -217,14 +218,7 @@ def check_config(spec):
 
 
 def main():
-    # A timed process (--one) imports the code under test, maybe another commit's, so it must not
-    # import this checkout's config.py first: its parser is argparse's own.
-    if "--one" in sys.argv[1:]:
-        parser_class = argparse.ArgumentParser
-    else:
-        sys.path.insert(0, ROOT)
-        from config import ArgumentParser as parser_class
-    parser = parser_class(prog=PROG, description=__doc__.splitlines()[0])
+    parser = reference.parser(PROG, __doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["configs/cpen455.yaml"])
     parser.add_argument("--variants", nargs="+", default=["fp32", "channels_last", "bf16", "bf16+channels_last"])
     parser.add_argument("--ref", default=None, help="also time the code of this git commit")
