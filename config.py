@@ -114,6 +114,8 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("device", str, "auto", "auto picks CUDA where there is one", choices=("auto", "cpu", "cuda")),
     Key("amp", bool, False, "bf16 autocast where the device has native bf16 (CUDA; AVX512-BF16 or AMX)"),
     Key("compile", bool, False, "torch.compile (minutes of warm-up; no faster on CPUs: BENCHMARKS.md)"),
+    Key("compile_mode", str, "default", "torch.compile's mode; reduce-overhead replays the step's kernels "
+        "as CUDA graphs, for a GPU step bound by launching them", choices=("default", "reduce-overhead")),
     Key("channels_last", bool, False, "channels-last memory format (faster or slower by size)"),
     # when to evaluate, save and sample (in epochs), and where
     Key("out_dir", str, "checkpoints/demo", "last.pt, best.pt, metrics.jsonl, config.yaml, samples"),

@@ -123,7 +123,9 @@ class Crop(torch.autograd.Function):
 
 def crop(x, height, left, width):
     """[B, C, H, W] -> the view [B, C, height, width] at row 0 and column `left`."""
-    return Crop.apply(x, height, left, width) if needs_grad([x]) else x[:, :, :height, left:left + width]
+    if needs_grad([x]) and not compiling():
+        return Crop.apply(x, height, left, width)
+    return x[:, :, :height, left:left + width]
 
 
 class ShiftedConv2d(nn.Module):
@@ -200,6 +202,8 @@ def dropout(x, p, training):
     """
     if not training or p == 0:
         return x
+    if compiling():
+        return F.dropout(x, p, training)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     # The random draws are half the cost at 8 bits.
@@ -301,15 +305,27 @@ def needs_grad(xs):
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def compiling():
+    """True while torch.compile traces the model. It then gets the plain formulation of each
+    hand-written op here: the compiler fuses those itself, and the hand-written ones' writes
+    into views (out=) and autograd.Functions would break its graph into pieces."""
+    return torch.compiler.is_compiling()
+
+
 def elu(x):
     """F.elu(x), faster on CPUs (see elu_forward). Without gradients (sampling, scoring) it skips
     the autograd.Function, whose overhead dominates on the sampler's few pixels."""
+    if compiling():
+        return F.elu(x)
     return Elu.apply(x) if needs_grad([x]) else elu_forward(x)
 
 
 def concat_elu(*xs):
     """ELU of x and of -x, concatenated on channels, for x the channel concatenation of xs:
     [B,C,H,W] -> [B,2C,H,W]. concat_elu(a, b) equals concat_elu(torch.cat([a, b], dim=1))."""
+    if compiling():
+        x = torch.cat(xs, dim=1)
+        return F.elu(torch.cat([x, -x], dim=1))
     return ConcatElu.apply(*xs) if needs_grad(xs) else concat_elu_forward(xs)
 
 
@@ -347,6 +363,9 @@ class Gate(torch.autograd.Function):
 def gate(x, h):
     """x + a * sigmoid(b), where [a, b] = h split on channels.
     x [B, C, H, W], h [B, 2C, H, W] -> [B, C, H, W]."""
+    if compiling():
+        a, b = h.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
     return Gate.apply(x, h) if needs_grad([x, h]) else gate_forward(x, h)[0]
 
 

@@ -226,7 +226,7 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if c["compile"]:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=c["compile_mode"])
         amp = c["amp"] and native_bf16(self.device)
         if c["amp"] and not amp:
             self.log(f"amp: {self.device.type} has no native bf16 (on CPUs: AVX512-BF16 or AMX); "

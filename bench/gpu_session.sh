@@ -1,40 +1,47 @@
 #!/usr/bin/env bash
-# A CUDA lease's work in one command: the GPU's training throughput, then the recipe of runs/f48-aug
-# (BENCHMARKS.md, "Augmentation from the first step": 48 filters, mirroring and 2-pixel shifts, one
-# slow decay of the rate, 22,660 steps of 32 images) trained for MINUTES, then scored on its
-# validation and report splits. A lease is too short for the whole schedule, so a run goes on
-# across leases: RESUME names the last.pt that an earlier lease returned (carried in), and the run
-# continues from it exactly.
+# A CUDA lease's work in one command: the training step's throughput at batch 32, eager against
+# torch.compile replayed as CUDA graphs; then a wider network than any CPU session here could
+# finish (FILTERS, 96 by default, the width of runs/f96-s2 in BENCHMARKS.md), trained in the
+# faster mode on a schedule sized to end inside MINUTES; then the shipped model's last step, 15
+# epochs of fine-tuning at hybrid weight 0.01 (FT_MINUTES); then both scored on their validation
+# and report splits.
 #
-# Why batch 32 and float32: on an H200 this network's step at batch 32 issues thousands of small
+# Why batch 32 and float32: on an H200 the 48-filter step at batch 32 issues thousands of small
 # operations and is bound by launching them (16.7 steps a second), where bf16's casts made it
 # slower (0.82x), and the same 220 epochs at batch 128 ended 0.2 bits/dim worse (BENCHMARKS.md,
-# "The first GPU lease").
+# "The first GPU lease"): this data wants many small steps. So a wider network should cost little
+# more a step there, and replaying the step as CUDA graphs (compile_mode reduce-overhead) should
+# cut the launching itself.
+#
+# Why one lease: a 96-filter last.pt (weights, their average, Adam's moments) is about 83 MB,
+# more than the device tool carries either way (64 MiB, the repository included), so the run
+# cannot continue across leases. The schedule is the recipe of runs/f96-s2 (mirroring, 2-pixel
+# shifts, the rate decayed to 1% of its start by the last step), with as many epochs (at most
+# 130) as the measured rate fits into MINUTES. What comes back is each run's averaged weights
+# (checkpoint.py --averaged-only), its metrics and its scores.
 #
 #   bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]     # DEVICE: cuda (default), or cpu to try it
-#   RESUME=path/last.pt  continue that run instead of starting one (and skip the throughput)
-#   RUN=runs/NAME        the run's folder (runs/gpu-f48-aug by default; runs/f48-aug-all is the same
-#                        recipe with the report split in training, begun on a CPU on 2026-12-04)
-#   STEPS=N              timed steps of each throughput variant (20 by default; 0 skips it)
-#   TRAIN_ARGS="..."     appended to train.py's flags when starting (e.g. a tiny network, to try it)
+#   FILTERS=N            the network's width (96 by default)
+#   MODE=eager|compile|graphs   how to train (default: graphs where the throughput found them faster)
+#   FT_MINUTES=M         the fine-tune's limit (2 by default; 0 skips it)
+#   STEPS=N              timed steps of each throughput variant (20 by default)
+#   TRAIN_ARGS="..."     appended to train.py's flags (e.g. a tiny network, to try it)
+#   RUN=runs/NAME        the run's folder (runs/gpu-f96 by default; the fine-tune goes to NAME-ft)
 #
 # Everything worth keeping goes to $OUT (the device tool's folder; runs/gpu-out elsewhere):
-# session.log, and run.tar (last.pt, metrics, logs, scores, samples) in 15 MB parts:
-#   cat run.tar.part* | tar x       # -> runs/gpu-f48-aug/... (or RUN's folder)
-# Through the device tool, with the data (and the run to resume) in ignored folders, carried:
-#   cp -r ../shared/data/cpen455 data/
-# Overrun 570 s and a call returns nothing: throughput (<= 90 s) + MINUTES (5, or 7 resuming) + ~2 min to start and score.
-#   run(command="bash bench/gpu_session.sh data/cpen455 5", carry=["data/cpen455"], timeout_s=570)
-#   run(command="RESUME=runs/gpu-f48-aug/last.pt bash bench/gpu_session.sh data/cpen455 7",
-#       carry=["data/cpen455", "runs/gpu-f48-aug/last.pt", "runs/gpu-f48-aug/metrics.jsonl"], timeout_s=570)
-#   run(command="RUN=runs/f48-aug-all RESUME=runs/f48-aug-all/last.pt bash bench/gpu_session.sh data/cpen455 7",
-#       carry=["data/cpen455", "runs/f48-aug-all/last.pt", "runs/f48-aug-all/metrics.jsonl"], timeout_s=570)
+# session.log, throughput.md, and run.tar in 15 MB parts:
+#   cat run.tar.part* | tar x       # -> runs/gpu-f96/... and runs/gpu-f96-ft/...
+# Through the device tool, with the data in an ignored folder, carried (cp -r ../shared/data/cpen455 data/).
+# A call that overruns its limit returns the log alone (the run is packed last): throughput (<= 3.5 min
+# with start-up) + MINUTES + FT_MINUTES + about 1 min to score and pack. A 15-minute lease, less the machine's start, leaves one such call:
+#   run(command="FT_MINUTES=1.5 bash bench/gpu_session.sh data/cpen455 4.5", carry=["data/cpen455"], timeout_s=590)
 set -uo pipefail
 data=${1:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
 minutes=${2:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
 device=${3:-cuda}
 out=${OUT:-runs/gpu-out}
-run=${RUN:-runs/gpu-f48-aug}
+run=${RUN:-runs/gpu-f96}
+filters=${FILTERS:-96}
 mkdir -p "$out" "$run"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 [ "$device" = cuda ] && export OMP_NUM_THREADS=4   # the GPU machine has 16 cores; a CPU run keeps its own
@@ -45,38 +52,59 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
       torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 [ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 
-if [ -z "${RESUME:-}" ] && [ "${STEPS:-20}" != 0 ]; then
-  echo "== throughput: the recipe's network at batch 32 (compile: torch.compile, whose warm-up is not timed)"
-  # two calls: the table prints when a call ends, so compile's unknown warm-up cannot cost the eager rows
-  timeout 40 python bench/train_throughput.py --device "$device" --configs "configs/cpen455.yaml:nr_filters=48" \
-      --variants fp32 bf16 --rounds 1 --steps "${STEPS:-20}" --batch-size 32
-  timeout 50 python bench/train_throughput.py --device "$device" --configs "configs/cpen455.yaml:nr_filters=48" \
-      --variants fp32 compile --rounds 1 --steps "${STEPS:-20}" --batch-size 32
-fi
-
-if [ -n "${RESUME:-}" ]; then
-  echo "== resuming $RESUME: $(date -u)"
-  [ "$RESUME" = "$run/last.pt" ] || cp "$RESUME" "$run/last.pt"
-  python train.py --resume "$run/last.pt" --out-dir "$run" --data-dir "$data" --device "$device" \
-      --max-time "${minutes}m" --progress false $([ "$device" = cuda ] && echo --amp false) >>"$run/train.log" 2>&1
-else
-  echo "== training from scratch: $(date -u)"
-  python train.py --config configs/cpen455.yaml --data-dir "$data" --device "$device" --nr-filters 48 \
-      --shift 2 --hflip --lr-decay 0.9998 --epochs 220 --amp false --channels-last false \
-      --max-time "${minutes}m" --progress false \
-      --out-dir "$run" --overwrite ${TRAIN_ARGS:-} >>"$run/train.log" 2>&1
-fi
+echo "== throughput: $filters filters at batch 32 (compile's warm-up is not timed)"
+: >"$out/throughput.md"
+# one call per variant: a table prints when its call ends, so a slow compile cannot cost the others
+for variant_limit in fp32:40 compile_graphs:150; do
+  timeout "${variant_limit#*:}" python bench/train_throughput.py --device "$device" \
+      --configs "configs/cpen455.yaml:nr_filters=$filters" --variants "${variant_limit%:*}" --rounds 1 \
+      --steps "${STEPS:-20}" --batch-size 32 | tee -a "$out/throughput.md"
+done
+# the img/s of a variant's row (empty where it failed or ran out of time)
+rate() { awk -F'|' -v v=" $1 " '$2 == v && $3 ~ /^ *[0-9.]+ *$/ {print $3 + 0}' "$out/throughput.md"; }
+mode=eager best=$(rate fp32)
+graphs=$(rate compile_graphs)
+if [ -n "$graphs" ] && awk -v a="$graphs" -v b="${best:-0}" 'BEGIN {exit !(a > b)}'; then best=$graphs mode=graphs; fi
+mode=${MODE:-$mode}
+case $mode in
+  eager) compile_flags="--compile false" ;;
+  compile) compile_flags="--compile true --compile-mode default" ;;
+  graphs) compile_flags="--compile true --compile-mode reduce-overhead" ;;
+  *) echo "MODE must be eager, compile or graphs, got $mode" >&2; exit 2 ;;
+esac
+# 103 steps an epoch (3,275 training images); 85% of the timed rate, for evaluations and compiling
+read -r epochs lr_decay < <(python -c "
+steps = max(103, min(130 * 103, int(${best:-0} / 32 * 0.85 * $minutes * 60)))
+print(steps // 103, 0.01 ** (1 / (steps // 103 * 103)))")
+echo "== training from scratch: $mode at ${best:-?} img/s -> $epochs epochs, lr decay $lr_decay a step: $(date -u)"
+python train.py --config configs/cpen455.yaml --data-dir "$data" --device "$device" --nr-filters "$filters" \
+    --shift 2 --hflip --epochs "$epochs" --lr-decay "$lr_decay" --eval-every 5 --samples-per-class 0 \
+    --amp false --channels-last false $compile_flags --max-time "${minutes}m" --progress false \
+    --out-dir "$run" --overwrite ${TRAIN_ARGS:-} >>"$run/train.log" 2>&1
 echo "== trained (exit $?): $(date -u)"
-tail -n 8 "$run/train.log"
+tail -n 4 "$run/train.log"
 
-step=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
-for split in val report; do
-  [ -f "$run/splits/$split.csv" ] || continue   # a run with report_fraction 0 held out no report split
-  python classify.py --checkpoint "$run/last.pt" --data-dir "$data" --held-out "$split" \
-      --device "$device" --no-progress --out "$run/${split}_step$step.csv" \
-      --metrics-out "$run/${split}_step$step.json" 2>&1 | tail -n 2
+runs=("$run")
+trained=$(python -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['epoch'])")
+if [ "${FT_MINUTES:-2}" != 0 ] && [ "$trained" = "$epochs" ]; then
+  echo "== fine-tuning at hybrid weight 0.01, 15 epochs: $(date -u)"
+  mkdir -p "$run-ft"
+  python train.py --resume "$run/last.pt" --out-dir "$run-ft" --cls-loss-weight 0.01 --lr 1e-4 \
+      --lr-decay 0.9995 --epochs $((epochs + 15)) --max-time "${FT_MINUTES:-2}m" --progress false \
+      >>"$run-ft/train.log" 2>&1
+  echo "== fine-tuned (exit $?): $(date -u)"
+  tail -n 4 "$run-ft/train.log"
+  runs+=("$run-ft")
+fi
+
+for r in "${runs[@]}"; do
+  for split in val report; do
+    python classify.py --checkpoint "$r/last.pt" --data-dir "$data" --held-out "$split" --device "$device" \
+        --no-progress --out "$r/${split}_final.csv" --metrics-out "$r/${split}_final.json" 2>&1 | tail -n 2
+  done
+  python checkpoint.py --averaged-only "$r/last.pt" "$r/averaged.pt"
 done
 rm -f "$out"/run.tar.part*   # an earlier session's parts would join this run's in cat run.tar.part*
-tar cf runs/gpu-run.tar --exclude=best.pt "$run" && split -b 15M -d runs/gpu-run.tar "$out/run.tar.part"
+tar cf runs/gpu-run.tar --exclude=last.pt --exclude=best.pt "${runs[@]}" && split -b 15M -d runs/gpu-run.tar "$out/run.tar.part"
 ls -l "$out"
 echo "== done $(date -u)"

@@ -8,7 +8,8 @@ matrix-multiply rate, optionally against the code of an earlier commit, all in o
 
 A config is a YAML file, optionally followed by ':key=value,...' overrides. A variant is a '+'-joined
 set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays float32), compile
-(torch.compile of the whole model), compile_blocks (torch.compile of each gated resnet only, a
+(torch.compile of the whole model), compile_graphs (the same, replayed as CUDA graphs: mode
+reduce-overhead), compile_blocks (torch.compile of each gated resnet only, a
 "regional" compile that fuses their elementwise work and leaves the rest eager). `--ref REF` adds
 rows for the code at git commit REF (checked out into a temporary worktree), for the variants of
 `--ref-variants` (fp32 and channels_last by default), so that a speed-up is a ratio measured in the
@@ -42,7 +43,7 @@ import yaml
 import reference
 from reference import ROOT, worktree
 PROG = "train_throughput.py"
-OPTIONS = ("fp32", "channels_last", "bf16", "compile", "compile_blocks")
+OPTIONS = ("fp32", "channels_last", "bf16", "compile", "compile_graphs", "compile_blocks")
 
 
 def read_config(spec):
@@ -108,7 +109,8 @@ def step_function(model, config, variant, batch_size, device, batch=None):
         for block in model.modules():
             if isinstance(block, layers.GatedResnet):
                 block.compile()
-    net = torch.compile(model) if "compile" in options else model
+    net = (torch.compile(model, mode="reduce-overhead") if "compile_graphs" in options
+           else torch.compile(model) if "compile" in options else model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     bf16 = "bf16" in options
 
