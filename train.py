@@ -354,6 +354,8 @@ class Trainer:
     def run_epoch(self):
         """-> None when the epoch completed, or 'signal' / 'time' when it stopped early."""
         c, p = self.config, self.progress
+        if p.batch_in_epoch == 0:  # train_bpd is the mean over this epoch's batches alone
+            p.epoch_bpd_sum, p.epoch_batches = 0.0, 0
         batches = self.batches(p.epoch)[p.batch_in_epoch:]
         loader = torch.utils.data.DataLoader(
             self.train_data, batch_sampler=batches, num_workers=c["num_workers"],
@@ -392,8 +394,6 @@ class Trainer:
             self.write_samples()
         if p.epoch % c["save_every"] == 0 or last:
             self.save("last.pt")
-        if not last:
-            p.epoch_bpd_sum, p.epoch_batches = 0.0, 0
 
     def evaluate_and_log(self):
         """Evaluate the EMA weights on the validation set (rank 0), log, and update best.pt."""
