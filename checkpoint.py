@@ -11,14 +11,13 @@ As a command, it writes a train.py checkpoint without what only resuming needs, 
 import os
 import random
 import re
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-from config import ArgumentParser, UsageError, check_output, first_line, report
+from config import ArgumentParser, UsageError, check_output, first_line, report, run_cli
 from model import MODEL_DEFAULTS, build_model
 
 
@@ -285,4 +284,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

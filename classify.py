@@ -52,7 +52,6 @@ torchrun, a failure in any process does the same (torchrun then adds its own rep
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -63,7 +62,8 @@ from tqdm import tqdm
 import utils
 from checkpoint import atomic_write, load_model
 from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error,
-                    gather_on_main, join_processes, leave_processes, report, speed_up_cpu, validation_seed)
+                    gather_on_main, join_processes, leave_processes, report, run_cli, speed_up_cpu,
+                    validation_seed)
 from dataset import (DataError, class_name, item_paths, items_digest, list_image_folder, load_images,
                      read_split_csv, root_relative, split_csv_path, split_items, to_model_input)
 
@@ -609,12 +609,6 @@ def run(args, rank, world_size, device):
         metrics["hflip"] = args.hflip
         metrics["checkpoint"] = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
         metrics["source"] = source
-        print(format_metrics(metrics))
-    elif (labels >= 0).any():
-        print(f"labels are known for {(labels >= 0).sum()} of {labels.size} images; metrics need "
-              "all of them (use --csv with the labelled rows only)")
-    if metrics is None and args.metrics_out is not None:
-        print(f"no metrics (the labels are unknown); {args.metrics_out} not written")
 
     text = csv_text(ids, predictions, scores, posteriors)
     if explaining:
@@ -626,6 +620,14 @@ def run(args, rank, world_size, device):
         diagram = reliability_diagram(posteriors, labels, f"T = {temperature:.3g}, ECE {metrics['ece']:.3f}")
         atomic_write(os.path.splitext(args.metrics_out)[0] + ".png", lambda f: diagram.save(f, format="PNG"))
     atomic_write(args.out, lambda f: f.write(text.encode()))
+
+    if metrics is not None:
+        print(format_metrics(metrics))
+    elif (labels >= 0).any():
+        print(f"labels are known for {(labels >= 0).sum()} of {labels.size} images; metrics need "
+              "all of them (use --csv with the labelled rows only)")
+    if metrics is None and args.metrics_out is not None:
+        print(f"no metrics (the labels are unknown); {args.metrics_out} not written")
     print(f"{PROG}: {len(items)} images in {elapsed:.1f} s ({len(items) / max(elapsed, 1e-9):.1f} "
           f"images/s) on {device}; wrote {args.out}")
     return 0
@@ -647,4 +649,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     speed_up_cpu()  # faster on CPUs: see config
-    sys.exit(main())
+    run_cli(main)

@@ -71,6 +71,37 @@ def report(prog, err):
     return EXIT_USER_ERROR
 
 
+def run_cli(main):
+    """Exit with main()'s code. A reader that stops early (`classify.py ... | head -1`) does not
+    stop the work: the lines it did not read are dropped, and the files are still written."""
+    sys.stdout = ReaderMayLeave(sys.stdout)
+    sys.exit(main())
+
+
+class ReaderMayLeave:
+    """A text stream whose output goes nowhere once its pipe's reader has gone, instead of
+    raising BrokenPipeError at the next print (or at exit)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        self.guarded(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self.guarded(self.stream.flush)
+
+    def guarded(self, method, *args):
+        try:
+            method(*args)
+        except BrokenPipeError:  # from now on the descriptor writes to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 # --------------------------------------------------------------------------------------------
 # The training config: one table of keys (model.Key: type, default, help, allowed values)
 

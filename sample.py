@@ -56,7 +56,7 @@ from tqdm import tqdm
 import fid
 from checkpoint import atomic_write, load_model
 from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error, gather_on_main,
-                    join_processes, leave_processes, report, speed_up_cpu)
+                    join_processes, leave_processes, report, run_cli, speed_up_cpu)
 from dataset import DataError, class_name, image_path, list_image_folder, load_images
 from sampling import derive_seed, generate
 
@@ -374,4 +374,4 @@ def score_fid(args, gen_feats, gen_labels, ref_feats, ref_labels):
 
 if __name__ == "__main__":
     speed_up_cpu()  # faster on CPUs: see config
-    sys.exit(main())
+    run_cli(main)

@@ -31,7 +31,7 @@ from checkpoint import (Progress, atomic_write, check_resumable, load_checkpoint
                         training_state)
 from config import (DEFAULTS, UsageError, check_output, first_line, join_processes, leave_processes,
                     merge_on_resume, native_bf16, parse_duration, parse_training_args, report, resume_path,
-                    speed_up_cpu, training_parser, validate_config, validation_seed)
+                    run_cli, speed_up_cpu, training_parser, validate_config, validation_seed)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
@@ -530,4 +530,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     speed_up_cpu()  # faster on CPUs: see config
-    sys.exit(main())
+    run_cli(main)

@@ -464,6 +464,23 @@ def test_cli_subprocess(trained, cpen_root, tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_reader_that_stops_early_does_not_stop_the_work(trained, cpen_root, tmp_path):
+    """`classify.py ... | head -1`: the reader has gone before the first line (the environment may
+    set PYTHONUNBUFFERED); the lines are dropped, and the files are written, without a traceback."""
+    ckpt, _ = trained
+    out, metrics = tmp_path / "pred.csv", tmp_path / "m.json"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    reader, writer = os.pipe()
+    os.close(reader)  # every write to stdout fails with EPIPE
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "classify.py"), "--checkpoint", ckpt,
+                             "--data-dir", cpen_root, "--csv", cpen_root / "train.csv", "--out", out,
+                             "--metrics-out", metrics], stdout=writer, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, timeout=300)
+    os.close(writer)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert len(read_csv(out)[1]) == 12 and json.loads(metrics.read_text())["n"] == 12
+
+
 REAL_ROOT = os.path.join(ROOT, "..", "shared", "data", "cpen455")
 
 
