@@ -66,6 +66,8 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with weights_only=True (it cannot run code) and check that it is ours."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; name a checkpoint file in it (last.pt, best.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -199,9 +201,13 @@ def with_calibration_from(state, other, other_path):
     """-> `state` with the temperature and fitted prior of `other`, a checkpoint of the same model."""
     if other.get("temperature") is None:
         raise CheckpointError(f"{other_path}: it has no fitted temperature to take")
-    if other["config"]["num_classes"] != state["config"]["num_classes"]:
-        raise CheckpointError(f"{other_path}: {other['config']['num_classes']} classes, where the "
-                              f"model has {state['config']['num_classes']}")
+    # A temperature scales one network's log-likelihood margins: take it only from the same network
+    # (a twin run of the same recipe, say), not from another one.
+    for key in MODEL_DEFAULTS:
+        mine, theirs = state["config"].get(key), other["config"].get(key)
+        if mine != theirs:
+            raise CheckpointError(f"{other_path}: another network ({key} {theirs}, where the model has "
+                                  f"{mine}); its temperature does not fit this model")
     return {**state, "temperature": other["temperature"], "fitted_prior": other.get("fitted_prior")}
 
 

@@ -39,7 +39,7 @@ def line(name, log_likelihoods, labels, temperature, log_prior=None):
 
 
 def build_parser():
-    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--logits", required=True, help="log p(x|c) [N, K] from classify.py --logits")
     parser.add_argument("--csv", help="the id,label CSV that classify.py scored (--csv)")
     parser.add_argument("--held-out", choices=("val", "report"),

@@ -37,7 +37,7 @@ def classify(code, args, extra, logits):
 
 
 def main():
-    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-dir", required=True)

@@ -20,7 +20,7 @@ KEYS = ("seconds", "train_bpd", "val_bpd", "val_acc")
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, in training order")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)

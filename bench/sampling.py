@@ -110,7 +110,7 @@ def fast_against_ref(args):
 
 
 def main():
-    parser = reference.parser(PROG, __doc__.splitlines()[0])
+    parser = reference.parser(PROG, __doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["configs/demo.yaml", "configs/cpen455.yaml"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--naive-budget", type=float, default=60.0)

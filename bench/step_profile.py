@@ -58,7 +58,7 @@ def seconds_per_step(step, steps):
 
 
 def main():
-    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/seed.yaml:nr_resnet=1,nr_filters=40,nr_logistic_mix=5")
     parser.add_argument("--variant", default="channels_last")
     parser.add_argument("--steps", type=int, default=5)

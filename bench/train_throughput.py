@@ -220,7 +220,7 @@ def check_config(spec):
 
 
 def main():
-    parser = reference.parser(PROG, __doc__.splitlines()[0])
+    parser = reference.parser(PROG, __doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["configs/cpen455.yaml"])
     parser.add_argument("--variants", nargs="+", default=["fp32", "channels_last", "bf16", "bf16+channels_last"])
     parser.add_argument("--ref", default=None, help="also time the code of this git commit")

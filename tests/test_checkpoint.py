@@ -141,7 +141,8 @@ def test_the_checkpoint_command_writes_the_copy_and_refuses_to_overwrite_its_sou
     assert done.returncode == 0 and "wrote" in done.stdout
     assert "optimizer" not in load_checkpoint(tmp_path / "out" / "shipped.pt")
     for argv, error in [((tmp_path / "last.pt", tmp_path / "last.pt"), "is the source checkpoint"),
-                        ((tmp_path / "none.pt", tmp_path / "x.pt"), "checkpoint not found")]:
+                        ((tmp_path / "none.pt", tmp_path / "x.pt"), "checkpoint not found"),
+                        ((tmp_path, tmp_path / "x.pt"), "is a folder; name a checkpoint file in it")]:
         refused = run(*argv)
         assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
         assert error in refused.stderr
@@ -166,7 +167,7 @@ def test_an_averaged_only_copy_keeps_the_weights_that_classify_and_sample_use_at
 
 def test_the_checkpoint_command_can_take_the_calibration_of_another_checkpoint(tmp_path):
     """A final model that trained on its validation images ships with the temperature and prior
-    fitted on them while they were held out."""
+    fitted on them while they were held out; from an uncalibrated or another network, it refuses."""
     _, state = tiny_training_state()
     save_checkpoint(tmp_path / "final.pt", {**state, "temperature": 2.0, "fitted_prior": None})
     prior = {"temperature": 7.0, "log_prior": [-1.0, -2.0, -1.5, -1.2]}
@@ -179,6 +180,10 @@ def test_the_checkpoint_command_can_take_the_calibration_of_another_checkpoint(t
     assert all(torch.equal(shipped["ema"][name], weights) for name, weights in state["ema"].items())
     assert checkpoint_main([str(tmp_path / "final.pt"), str(tmp_path / "x.pt"),
                             "--calibration-from", str(tmp_path / "uncalibrated.pt")]) == 2
+    wider = {**state, "config": {**state["config"], "nr_filters": state["config"]["nr_filters"] * 2}}
+    save_checkpoint(tmp_path / "wider.pt", wider)  # another network: its temperature does not fit
+    assert checkpoint_main([str(tmp_path / "final.pt"), str(tmp_path / "x.pt"),
+                            "--calibration-from", str(tmp_path / "wider.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
 
 
