@@ -222,11 +222,14 @@ class Trainer:
             self.resume(self.resume_state)
             self.resume_state = None
         self.net = self.model  # what the training step calls; self.model stays the plain module
+        self.loss = training_loss
         if self.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if c["compile"]:
-            self.net = torch.compile(self.net, mode=c["compile_mode"])
+        if c["compile"] and self.distributed:
+            self.net = torch.compile(self.net, mode=c["compile_mode"])  # DDP's supported way
+        elif c["compile"]:  # the network and its loss as one graph, or one CUDA graph
+            self.loss = torch.compile(training_loss, mode=c["compile_mode"])
         amp = c["amp"] and native_bf16(self.device)
         if c["amp"] and not amp:
             self.log(f"amp: {self.device.type} has no native bf16 (on CPUs: AVX512-BF16 or AMX); "
@@ -272,8 +275,8 @@ class Trainer:
         c = self.config
         x, y = self.prepare_batch(x, y)
         with self.autocast():
-            loss, bpd = training_loss(self.net, x, y, c["num_classes"], c["cls_loss_weight"],
-                                      c["cls_batch_size"])
+            loss, bpd = self.loss(self.net, x, y, c["num_classes"], c["cls_loss_weight"],
+                                  c["cls_batch_size"])
         bpd, stop = self.agree_on_stopping(loss, bpd)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,8 +8,8 @@ matrix-multiply rate, optionally against the code of an earlier commit, all in o
 
 A config is a YAML file, optionally followed by ':key=value,...' overrides. A variant is a '+'-joined
 set of: fp32 (the default path), channels_last, bf16 (autocast; the loss stays float32), compile
-(torch.compile of the whole model), compile_graphs (the same, replayed as CUDA graphs: mode
-reduce-overhead), compile_blocks (torch.compile of each gated resnet only, a
+(torch.compile of the model and its loss, as train.py --compile), compile_graphs (the same, replayed
+as CUDA graphs: mode reduce-overhead), compile_blocks (torch.compile of each gated resnet only, a
 "regional" compile that fuses their elementwise work and leaves the rest eager). `--ref REF` adds
 rows for the code at git commit REF (checked out into a temporary worktree), for the variants of
 `--ref-variants` (fp32 and channels_last by default), so that a speed-up is a ratio measured in the
@@ -109,14 +109,15 @@ def step_function(model, config, variant, batch_size, device, batch=None):
         for block in model.modules():
             if isinstance(block, layers.GatedResnet):
                 block.compile()
-    net = (torch.compile(model, mode="reduce-overhead") if "compile_graphs" in options
-           else torch.compile(model) if "compile" in options else model)
+    # compiled as train.py compiles on one process: the network and its loss as one graph
+    loss_function = (torch.compile(training_loss, mode="reduce-overhead") if "compile_graphs" in options
+                     else torch.compile(training_loss) if "compile" in options else training_loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     bf16 = "bf16" in options
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = training_loss(net, x, y, K, config.get("cls_loss_weight", 0.0),
+            loss, _ = loss_function(model, x, y, K, config.get("cls_loss_weight", 0.0),
                                     config.get("cls_batch_size", 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

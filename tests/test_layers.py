@@ -172,20 +172,20 @@ def test_under_torch_compile_the_plain_formulation_computes_the_same(monkeypatch
     assert abs(kept.float().mean().item() - 0.5) < 0.01
 
 
-def test_a_training_step_compiles_into_one_graph():
+def test_the_network_and_its_loss_compile_into_one_graph():
     """torch.compile(fullgraph=True) raises at the first graph break; the eager backend traces
     without generating code, so this checks the trace in seconds."""
     torch._dynamo.reset()
     model = build_model(dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, num_classes=3, dropout=0.5,
                              embedding_dim=2, block_conditioning="film", image_size=8))
     x, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
-    net = torch.compile(model, fullgraph=True, backend="eager")
-    loss, bpd = training_loss(net, x, y, 3, 0.01, 2)
+    compiled_loss = torch.compile(training_loss, fullgraph=True, backend="eager")
+    loss, bpd = compiled_loss(model, x, y, 3, 0.01, 2)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
     model.eval()
     with torch.no_grad():
-        compiled = training_loss(net, x, y, 3, 0.01, 2)[0]
+        compiled = compiled_loss(model, x, y, 3, 0.01, 2)[0]
         assert torch.allclose(compiled, training_loss(model, x, y, 3, 0.01, 2)[0], rtol=1e-5)
 
 

@@ -431,6 +431,29 @@ def test_demo_config_learns_to_classify(tmp_path):
     assert metrics[-1]["val_acc"] > 0.7, metrics  # chance is 0.25
 
 
+def test_compile_trains_as_the_eager_model_does(tiny_data, tmp_path, monkeypatch):
+    """--compile compiles the network and its loss as one graph (here run by the eager backend,
+    which skips minutes of code generation): the same training, within float rounding (the
+    traced ops are the plain formulations of layers.py's hand-written ones)."""
+    compile_, modes = torch.compile, []
+
+    def compile_eagerly(function, mode):
+        modes.append(mode)
+        return compile_(function, backend="eager", fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert train.main(args(tiny_data, eager, "--epochs", "1", "--dropout", "0")) == 0
+    assert train.main(args(tiny_data, compiled, "--epochs", "1", "--dropout", "0", "--compile", "true",
+                           "--compile-mode", "reduce-overhead")) == 0
+    assert modes == ["reduce-overhead"]
+    a, b = (torch.load(out / "last.pt", weights_only=True) for out in (eager, compiled))
+    for name, weights in a["ema"].items():  # Adam moves each weight by up to lr = 2e-3 a step
+        assert torch.allclose(weights, b["ema"][name], rtol=1e-4, atol=2e-5), name
+    assert read_metrics(eager)[-1]["val_bpd"] == pytest.approx(read_metrics(compiled)[-1]["val_bpd"], rel=1e-5)
+
+
 @pytest.mark.parametrize("augmentation", [["--hflip"], ["--shift", "2"]])
 def test_augmentation_changes_training_and_resumes_exactly(tiny_data, tmp_path, augmentation):
     a, b, plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
