@@ -203,8 +203,8 @@ def with_calibration_from(state, other, other_path):
         raise CheckpointError(f"{other_path}: it has no fitted temperature to take")
     # A temperature scales one network's log-likelihood margins: take it only from the same network
     # (a twin run of the same recipe, say), not from another one.
-    for key in MODEL_DEFAULTS:
-        mine, theirs = state["config"].get(key), other["config"].get(key)
+    for key, default in MODEL_DEFAULTS.items():  # a key that a checkpoint predates has its default
+        mine, theirs = state["config"].get(key, default), other["config"].get(key, default)
         if mine != theirs:
             raise CheckpointError(f"{other_path}: another network ({key} {theirs}, where the model has "
                                   f"{mine}); its temperature does not fit this model")

@@ -74,7 +74,8 @@ def report(prog, err):
 def run_cli(main):
     """Exit with main()'s code. A reader that stops early (`classify.py ... | head -1`) does not
     stop the work: the lines it did not read are dropped, and the files are still written."""
-    sys.stdout = ReaderMayLeave(sys.stdout)
+    sys.stdout, sys.stderr = (ReaderMayLeave(stream) if stream is not None else None  # None: closed (>&-)
+                              for stream in (sys.stdout, sys.stderr))
     sys.exit(main())
 
 
@@ -89,6 +90,9 @@ class ReaderMayLeave:
         self.guarded(self.stream.write, text)
         return len(text)
 
+    def writelines(self, lines):
+        self.guarded(self.stream.writelines, lines)
+
     def flush(self):
         self.guarded(self.stream.flush)
 
@@ -96,7 +100,9 @@ class ReaderMayLeave:
         try:
             method(*args)
         except BrokenPipeError:  # from now on the descriptor writes to /dev/null
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -144,9 +150,11 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("seed", int, 0, "seeds the weights, the data order, dropout and the samples"),
     Key("device", str, "auto", "auto picks CUDA where there is one", choices=("auto", "cpu", "cuda")),
     Key("amp", bool, False, "bf16 autocast where the device has native bf16 (CUDA; AVX512-BF16 or AMX)"),
-    Key("compile", bool, False, "torch.compile (minutes of warm-up; no faster on CPUs: BENCHMARKS.md)"),
+    Key("compile", bool, False, "torch.compile of the network and its loss (minutes of warm-up; each "
+        "epoch drops a smaller last batch; no faster on CPUs: BENCHMARKS.md)"),
     Key("compile_mode", str, "default", "torch.compile's mode; reduce-overhead replays the step's kernels "
-        "as CUDA graphs, for a GPU step bound by launching them", choices=("default", "reduce-overhead")),
+        "as CUDA graphs, for a GPU step bound by launching them (not yet tried under torchrun)",
+        choices=("default", "reduce-overhead")),
     Key("channels_last", bool, False, "channels-last memory format (faster or slower by size)"),
     # when to evaluate, save and sample (in epochs), and where
     Key("out_dir", str, "checkpoints/demo", "last.pt, best.pt, metrics.jsonl, config.yaml, samples"),

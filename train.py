@@ -386,7 +386,10 @@ class Trainer:
         sampler.set_epoch(epoch)
         order = list(sampler)
         bs = self.config["batch_size"]
-        return [order[i:i + bs] for i in range(0, len(order), bs)]
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        if self.config["compile"] and len(batches) > 1 and len(batches[-1]) < bs:
+            batches.pop()  # one batch shape, one compiled graph: a smaller last batch compiles again
+        return batches
 
     def end_of_epoch(self):
         c, p = self.config, self.progress

@@ -479,6 +479,13 @@ def test_a_reader_that_stops_early_does_not_stop_the_work(trained, cpen_root, tm
     os.close(writer)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert len(read_csv(out)[1]) == 12 and json.loads(metrics.read_text())["n"] == 12
+    out.unlink()  # and with no stdout at all (`>&-`)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "classify.py"), "--checkpoint", ckpt,
+                             "--data-dir", cpen_root, "--csv", cpen_root / "train.csv", "--out", out],
+                            preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert len(read_csv(out)[1]) == 12
 
 
 REAL_ROOT = os.path.join(ROOT, "..", "shared", "data", "cpen455")

@@ -434,7 +434,8 @@ def test_demo_config_learns_to_classify(tmp_path):
 def test_compile_trains_as_the_eager_model_does(tiny_data, tmp_path, monkeypatch):
     """--compile compiles the network and its loss as one graph (here run by the eager backend,
     which skips minutes of code generation): the same training, within float rounding (the
-    traced ops are the plain formulations of layers.py's hand-written ones)."""
+    traced ops are the plain formulations of layers.py's hand-written ones), but for a smaller
+    last batch, which each epoch drops."""
     compile_, modes = torch.compile, []
 
     def compile_eagerly(function, mode):
@@ -447,11 +448,15 @@ def test_compile_trains_as_the_eager_model_does(tiny_data, tmp_path, monkeypatch
     assert train.main(args(tiny_data, eager, "--epochs", "1", "--dropout", "0")) == 0
     assert train.main(args(tiny_data, compiled, "--epochs", "1", "--dropout", "0", "--compile", "true",
                            "--compile-mode", "reduce-overhead")) == 0
-    assert modes == ["reduce-overhead"]
+    assert modes == ["reduce-overhead"]  # what train.py passed on
     a, b = (torch.load(out / "last.pt", weights_only=True) for out in (eager, compiled))
     for name, weights in a["ema"].items():  # Adam moves each weight by up to lr = 2e-3 a step
         assert torch.allclose(weights, b["ema"][name], rtol=1e-4, atol=2e-5), name
     assert read_metrics(eager)[-1]["val_bpd"] == pytest.approx(read_metrics(compiled)[-1]["val_bpd"], rel=1e-5)
+    # 24 images at batch 10: compiled, each epoch drops its smaller last batch (one shape, one graph)
+    assert train.main(args(tiny_data, tmp_path / "drop", "--epochs", "1", "--batch-size", "10",
+                           "--compile", "true")) == 0
+    assert torch.load(tmp_path / "drop" / "last.pt", weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("augmentation", [["--hflip"], ["--shift", "2"]])
