@@ -9,6 +9,11 @@ by two pixels up, down, left and right ("shift1", "shift2"), edges reflected as 
 draws them. Every view is scored under every label once (classify.score_images); each view set's
 accuracy is then the mean of its views' log-likelihoods, as `classify.py --hflip` takes for
 "id+flip". The rows are printed, not chosen: choose on one split and report on another.
+
+--dropout-masks M also scores the image under M dropout masks of the network (its training
+dropout, off when classify.py scores), the same mask for every label of an image, so that each
+mask is one sub-network's p(x|c). Its rows combine the masks' log-likelihoods by their mean (a
+product of the sub-networks) and by log-mean-exp (their mixture).
 """
 import os
 import sys
@@ -16,12 +21,14 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import load_model  # noqa: E402
 from classify import score_images  # noqa: E402
 from config import ArgumentParser, UsageError, report, speed_up_cpu  # noqa: E402
-from dataset import item_paths, load_images, read_split_csv  # noqa: E402
+from dataset import item_paths, load_images, read_split_csv, to_model_input  # noqa: E402
+from utils import discretized_mix_logistic_log_probs  # noqa: E402
 
 PROG = "test_time_views.py"
 SHIFTS = {d: [(d, 0), (-d, 0), (0, d), (0, -d)] for d in (1, 2)}
@@ -48,13 +55,43 @@ def view(images, name):
     return translate(images, *name)
 
 
+@torch.no_grad()
+def score_under_masks(model, images, num_classes, masks, batch_size, device, seed=0):
+    """log p(x|c) in nats of uint8 images [N, 3, S, S] under `masks` dropout masks -> [masks, N, K]
+    float64. Each (mask, batch) reseeds the global generator before every label's pass, so that
+    an image sees the same mask under every label."""
+    out = np.empty((masks, len(images), num_classes), dtype=np.float64)
+    model.train()  # dropout on; the model has no other training-only behaviour
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc=f"{masks} dropout masks", leave=False):
+            x = to_model_input(images[start:start + batch_size]).to(device)
+            for mask in range(masks):
+                for label in range(num_classes):
+                    torch.manual_seed(int(np.random.SeedSequence([seed, mask, start]).generate_state(1)[0]))
+                    labels = torch.full((len(x),), label, device=device)
+                    log_probs = discretized_mix_logistic_log_probs(x, model(x, labels))  # [b, S, S]
+                    out[mask, start:start + len(x), label] = log_probs.double().sum(dim=(1, 2)).cpu().numpy()
+    finally:
+        model.eval()
+    return out
+
+
+def print_accuracy(name, log_likelihoods, labels):
+    right = int((log_likelihoods.argmax(1) == labels).sum())
+    print(f"  {name:18s} {right}/{len(labels)} ({right / len(labels):.1%})")
+
+
 def main():
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--csv", required=True)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dropout-masks", type=int, default=0, metavar="M",
+                        help="also score under M dropout masks of the network (default 0: none)")
     args = parser.parse_args()
+    if args.dropout_masks < 0:
+        parser.error(f"--dropout-masks must be at least 0, got {args.dropout_masks}")
     speed_up_cpu()
     device = torch.device("cpu")
     try:
@@ -70,8 +107,13 @@ def main():
               for name in names}  # each [N, K]
     print(f"{args.checkpoint} on {args.csv} ({len(labels)} images)")
     for set_name, views in VIEW_SETS.items():
-        right = int((np.mean([loglik[v] for v in views], axis=0).argmax(1) == labels).sum())
-        print(f"  {set_name:18s} {right}/{len(labels)} ({right / len(labels):.1%})")
+        print_accuracy(set_name, np.mean([loglik[v] for v in views], axis=0), labels)
+    if args.dropout_masks:
+        masked = score_under_masks(model, images, K, args.dropout_masks, args.batch_size, device)
+        print_accuracy("one mask", masked[0], labels)
+        print_accuracy("masks (mean)", masked.mean(0), labels)
+        mixture = np.logaddexp.reduce(masked, axis=0) - np.log(args.dropout_masks)
+        print_accuracy("masks (mixture)", mixture, labels)
 
 
 if __name__ == "__main__":

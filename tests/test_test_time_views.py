@@ -1,11 +1,13 @@
 """bench/test_time_views.py: translations move the pixels and reflect the edges, and the accuracy
-of a view set is that of classify.py on the same views ("id" alone, and "id+flip" as --hflip)."""
+of a view set is that of classify.py on the same views ("id" alone, and "id+flip" as --hflip),
+and each dropout mask is one sub-network that every label of an image shares."""
 import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,6 +15,8 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
 
 import test_time_views  # noqa: E402
+from classify import score_images  # noqa: E402
+from model import build_model  # noqa: E402
 from test_classify import cpen_root, trained  # noqa: E402,F401  (fixtures)
 
 
@@ -34,14 +38,40 @@ def test_view_sets_match_classify(trained, cpen_root, tmp_path):
     checkpoint, _ = trained
     run = [sys.executable, "--checkpoint", checkpoint, "--data-dir", str(cpen_root), "--csv",
            str(cpen_root / "val.csv")]
-    views = subprocess.run([run[0], os.path.join(ROOT, "bench", "test_time_views.py"), *run[1:]],
+    views = subprocess.run([run[0], os.path.join(ROOT, "bench", "test_time_views.py"), *run[1:],
+                            "--dropout-masks", "2"],
                            capture_output=True, text=True, check=True, env=ENV, timeout=300).stdout
+    n = len((cpen_root / "val.csv").read_text().splitlines())
     for view_set, flags in (("id", []), ("id+flip", ["--hflip"])):
         metrics = str(tmp_path / f"{view_set}.json")
         subprocess.run([run[0], os.path.join(ROOT, "classify.py"), *run[1:], "--out", str(tmp_path / "p.csv"),
                         "--metrics-out", metrics, "--no-progress", *flags], capture_output=True, check=True,
                        env=ENV, timeout=300)
         with open(metrics) as f:
-            right = json.load(f)["accuracy"] * len((cpen_root / "val.csv").read_text().splitlines())
+            right = json.load(f)["accuracy"] * n
         assert accuracy_of(views, view_set) == round(right)
     assert all(view_set in views for view_set in test_time_views.VIEW_SETS)
+    assert all(0 <= accuracy_of(views, row) <= n for row in ("one mask", "masks (mean)", "masks (mixture)"))
+
+
+def test_a_dropout_mask_is_shared_by_every_label_of_an_image():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    model = build_model({"nr_filters": 8, "nr_resnet": 1, "num_classes": 3, "image_size": 8, "dropout": 0.5})
+    with torch.no_grad():
+        model.label_embedding.weight.zero_()  # the label now changes nothing but the mask could
+    masked = test_time_views.score_under_masks(model.eval(), images, 3, masks=2, batch_size=4, device="cpu")
+    assert masked.shape == (2, 5, 3)
+    assert np.array_equal(masked, np.repeat(masked[..., :1], 3, axis=2))  # one mask for all labels
+    assert not np.allclose(masked[0], masked[1], rtol=0, atol=1e-3)  # two masks, two sub-networks
+    assert not model.training  # left in eval mode, as classify.py scores
+
+
+def test_without_dropout_every_mask_is_the_network_itself():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    model = build_model({"nr_filters": 8, "nr_resnet": 1, "num_classes": 3, "image_size": 8, "dropout": 0.0})
+    model.eval()
+    masked = test_time_views.score_under_masks(model, images, 3, masks=2, batch_size=4, device="cpu")
+    plain, _ = score_images(model, images, 3, batch_size=5, device="cpu", progress=False)
+    assert np.allclose(masked, plain, rtol=0, atol=1e-3)
