@@ -12,6 +12,7 @@ from layers import (BLOCK_CONDITIONING, NIN, DownRightShiftedConv2d, DownRightSh
                     DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, compiling, down_shift, elu,
                     memory_layout, right_shift)
 
+
 @dataclass(frozen=True)
 class Key:
     """A config key: values are checked against its type and its interval or choices."""
