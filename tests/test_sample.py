@@ -14,6 +14,7 @@ from PIL import Image
 
 import sample
 from checkpoint import save_checkpoint
+from conftest import randomize_label_parameters
 from dataset import load_images
 from model import build_model
 from sampling import derive_seed, generate
@@ -31,10 +32,8 @@ CONFIG = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "dropout": 0.0,
 def tiny_model(config=CONFIG, seed=0):
     torch.manual_seed(seed)
     model = build_model(config)
-    with torch.no_grad():  # make the classes differ visibly: a strong per-class input embedding
-        if model.label_embedding is not None:
-            model.label_embedding.weight.mul_(3)
-    return model.eval()
+    # the label parameters start at zero: random ones make each class's samples its own
+    return randomize_label_parameters(model, std=1.0, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")
