@@ -99,14 +99,18 @@ def test_samples_of_some_classes_only(demo_root, saved_judge, tmp_path, capsys):
     assert result["samples"]["n"] == 12
 
 
-def test_augment_only_mirrors_and_shifts():
-    x = torch.rand(6, 3, 10, 10)
+def test_augment_mirrors_half_the_images_and_shifts_them():
+    x = torch.rand(64, 3, 10, 10)
     out = sample_judge.augment(x, torch.Generator().manual_seed(0))
     s = sample_judge.SHIFT
+    seen = []  # (mirrored, dy, dx) of each image
     for image, augmented in zip(x, out):
         padded = [torch.nn.functional.pad(v[None], (s,) * 4, mode="replicate")[0] for v in (image, image.flip(-1))]
-        crops = [p[:, dy:dy + 10, dx:dx + 10] for p in padded for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
-        assert any(torch.equal(augmented, crop) for crop in crops)
+        views = [(m, dy, dx) for m in (0, 1) for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
+        seen += [v for v in views if torch.equal(augmented, padded[v[0]][:, v[1]:v[1] + 10, v[2]:v[2] + 10])]
+    assert len(seen) == len(x)  # each image is exactly one mirror and shift of itself
+    assert 16 < sum(m for m, _, _ in seen) < 48  # about half mirrored
+    assert len({(dy, dx) for _, dy, dx in seen}) > (2 * s + 1) ** 2 // 2  # most shifts drawn
     flat = torch.full((2, 3, 10, 10), 0.25)
     assert torch.equal(sample_judge.augment(flat, torch.Generator().manual_seed(1)), flat)
 
