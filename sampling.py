@@ -93,6 +93,8 @@ def sample_raster(network, model, labels, generator, progress, n, start=None, ke
     With guidance > 0 the network runs on every image under every label (image-major: row
     b * K + k carries label k) and sample_guided_pixel draws each pixel (one [B, 3] uniform draw).
     The model must be in eval mode (generate_naive and generate_cached see to it)."""
+    if model.training:
+        raise ValueError("sample_raster needs the model in eval mode: dropout would change every draw")
     param = next(model.parameters())
     batch_size = labels.shape[0] if labels is not None else n
     if batch_size is None:

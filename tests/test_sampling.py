@@ -131,6 +131,8 @@ def test_a_training_model_samples_without_dropout_and_keeps_training(sampler):
     images = sampling.generate(model, labels, sampler, seed=1)
     assert model.training  # a live model keeps its dropout for the steps after sampling
     assert torch.equal(images, sampling.generate(model.eval(), labels, sampler, seed=1))
+    with pytest.raises(ValueError, match="eval mode"):  # what generate's samplers see to
+        sampling.sample_raster(sampling.IncrementalPixelCNN, model.train(), labels, None, None, None)
 
 
 def test_unconditional_model():
