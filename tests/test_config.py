@@ -107,7 +107,7 @@ def test_a_plain_run_is_process_zero_of_one(monkeypatch):
 def printed_off_and_on(script):
     """-> {"off": words, "on": words}: what `script` prints, run in a fresh process with that argument."""
     return {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
-                                 check=True).stdout.split() for mode in ("off", "on")}
+                                 check=True, cwd=REPO).stdout.split() for mode in ("off", "on")}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
