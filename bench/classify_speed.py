@@ -67,9 +67,16 @@ def main():
     for name, values in speeds.items():
         print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {median[name]:.1f} | "
               f"{median[name] / median[args.ref]:.2f}x |")
+    print(differences(this, ref))
+
+
+def differences(this, ref):
+    """-> one line: the largest gap between two runs' log p(x|c) [N, K], and the rows whose
+    predicted label differs."""
     changed = np.flatnonzero(this.argmax(1) != ref.argmax(1))
-    print(f"largest |log p(x|c) difference|: {np.abs(this - ref).max():.4g} nats; "
-          f"predictions that differ: {len(changed)} of {len(this)}" + (f" (rows {changed.tolist()})" if len(changed) else ""))
+    return (f"largest |log p(x|c) difference|: {np.abs(this - ref).max():.4g} nats; "
+            f"predictions that differ: {len(changed)} of {len(this)}"
+            + (f" (rows {changed.tolist()})" if len(changed) else ""))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,30 @@
 """The timing benchmarks still run against the code: bench/train_throughput.py counts the work of
 a reference formulation that computes what the model computes, and says in one line what is wrong
 with its command line; bench/sampling.py prints a row per config and batch, and
-bench/classify_speed.py finds no difference between this checkout and itself. Tiny models, one
+bench/classify_speed.py finds no difference between this checkout and itself and names the rows
+whose prediction differs between two runs. Tiny models, one
 step; the timings themselves are not checked (benchmarks, not tests)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import layers
 from checkpoint import save_checkpoint
 from config import native_bf16
+from conftest import randomize_label_parameters
 from dataset import make_demo_dataset
 from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
 
+import classify_speed  # noqa: E402
 from train_throughput import explicitly_padded  # noqa: E402
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -91,13 +96,21 @@ def test_classify_speed_finds_no_difference_between_the_checkout_and_its_head(tm
                              image_size=8)
     config = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "num_classes": 4, "image_size": 8}
     torch.manual_seed(0)
-    weights = build_model(config).state_dict()
+    weights = randomize_label_parameters(build_model(config), std=1.0).state_dict()  # labels matter
     checkpoint = str(tmp_path / "tiny.pt")
     save_checkpoint(checkpoint, {"model": weights, "ema": weights, "config": config, "epoch": 1, "step": 1})
     out = bench("classify_speed.py", "--ref", "HEAD", "--checkpoint", checkpoint, "--data-dir", root,
                 "--csv", os.path.join(root, "train.csv"), "--rounds", "1")
     assert "(8 images)" in out and "| this |" in out and "| HEAD |" in out
-    assert "predictions that differ: 0 of 8" in out
+    gap = float(re.search(r"difference\|: (\S+) nats", out).group(1))
+    assert gap < 1e-3 and "predictions that differ: 0 of 8" in out
+
+
+def test_classify_speed_names_the_rows_whose_prediction_differs():
+    this = np.array([[-10.0, -12.0], [-9.0, -8.0], [-7.0, -7.5]])
+    ref = np.array([[-10.0, -12.0], [-9.0, -9.5], [-7.25, -7.5]])
+    assert classify_speed.differences(this, ref) == \
+        "largest |log p(x|c) difference|: 1.5 nats; predictions that differ: 1 of 3 (rows [1])"
 
 
 def test_train_throughput_times_real_images_from_a_data_dir(tmp_path):
