@@ -362,6 +362,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkeyp
 
 
 def test_sigterm_saves_last_and_sigkill_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
+    """The whole program under both signals. SIGKILL lands at whatever moment it lands, rarely
+    inside a save: test_checkpoint kills a process in the middle of its write on purpose."""
     out = tmp_path / "out"
     argv = args(tiny_data, out, "--epochs", "100000", "--eval-every", "1000", "--save-every", "1")
     log_path = tmp_path / "stderr.txt"
