@@ -36,9 +36,17 @@
 # score and pack, + FT_MINUTES + 1 min if it fine-tunes. A 15-minute lease, less the machine's
 # start, leaves one such call, with no room for the fine-tune:
 #   run(command="FT_MINUTES=0 bash bench/gpu_session.sh data/cpen455 4", carry=["data/cpen455"], timeout_s=590)
+#
+# It exits 2 on a wrong usage or MODE and otherwise 0: every step's errors, and the exit status of
+# training and fine-tuning, go to session.log, and a failed step does not stop the ones after it
+# (the throughput alone is worth bringing back).
 set -uo pipefail
-data=${1:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
-minutes=${2:?usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]}
+if [ $# -lt 2 ]; then
+  echo "usage: bash bench/gpu_session.sh DATA_DIR MINUTES [DEVICE]" >&2
+  exit 2
+fi
+data=$1
+minutes=$2
 device=${3:-cuda}
 out=${OUT:-runs/gpu-out}
 run=${RUN:-runs/gpu-f96}
