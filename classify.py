@@ -551,6 +551,43 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
         atomic_write(args.explain_out, lambda f: np.savez(f, **arrays))
 
 
+def choose_prior(args, num_classes, fitted, temperature, say):
+    """-> (log p(c) [K] or None, the temperature to use with it): --prior none, train (train.csv's
+    label frequencies) or fitted (stored in the checkpoints, with the temperature fitted with it)."""
+    if args.prior == "train":
+        train_csv = split_csv_path(args.data_dir, "train")
+        if not os.path.isfile(train_csv):
+            raise DataError(f"--prior train needs {train_csv}, which does not exist")
+        train_items = read_split_csv(args.data_dir, train_csv, num_classes=num_classes)
+        log_prior = log_prior_from_labels([label for _, label in train_items], num_classes)
+        say(f"prior from {train_csv}: " + ", ".join(
+            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+        return log_prior, temperature
+    if args.prior == "fitted":
+        log_prior, temperature = stored_prior(args.checkpoint, fitted, args.temperature)
+        say(f"prior fitted on the validation split, at T = {temperature:.4g}: " + ", ".join(
+            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+        return log_prior, temperature
+    return None, temperature
+
+
+def labelled_metrics(args, labels, predictions, loglik, posteriors, temperature, image_size, source):
+    """The metrics of images whose labels are all known: accuracy and F1 (metrics_from_confusion),
+    bits/dim under the true label, calibration, and what produced them."""
+    num_classes = posteriors.shape[1]
+    metrics = metrics_from_confusion(confusion_matrix(labels, predictions, num_classes))
+    metrics["bits_per_dim"] = bits_per_dim_true_label(loglik, labels, (3, image_size, image_size))
+    metrics["temperature"] = temperature
+    metrics.update(utils.calibration_metrics(posteriors, labels, bins=CALIBRATION_BINS))
+    metrics["ece_standard_error"] = utils.ece_standard_error(posteriors, labels, bins=CALIBRATION_BINS)
+    metrics["class_names"] = [class_name(c) for c in range(num_classes)]
+    metrics["prior"] = args.prior
+    metrics["hflip"] = args.hflip
+    metrics["checkpoint"] = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
+    metrics["source"] = source
+    return metrics
+
+
 def run(args, rank, world_size, device):
     say = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints
     models, temperature, fitted, runs = load_experts(args.checkpoint, device, args.temperature, say)
@@ -566,19 +603,7 @@ def run(args, rank, world_size, device):
     else:
         items, paths, csv_used = find_inputs(args.data_dir, args.split, args.csv, num_classes)
         source = csv_used if csv_used is not None else f"{args.data_dir} (folder)"
-    log_prior = None
-    if args.prior == "train":
-        train_csv = split_csv_path(args.data_dir, "train")
-        if not os.path.isfile(train_csv):
-            raise DataError(f"--prior train needs {train_csv}, which does not exist")
-        train_items = read_split_csv(args.data_dir, train_csv, num_classes=num_classes)
-        log_prior = log_prior_from_labels([label for _, label in train_items], num_classes)
-        say(f"prior from {train_csv}: " + ", ".join(
-            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
-    elif args.prior == "fitted":
-        log_prior, temperature = stored_prior(args.checkpoint, fitted, args.temperature)
-        say(f"prior fitted on the validation split, at T = {temperature:.4g}: " + ", ".join(
-            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+    log_prior, temperature = choose_prior(args, num_classes, fitted, temperature, say)
 
     ids, labels = [i for i, _ in items], np.array([l for _, l in items], dtype=np.int64)
     processes = f"; {world_size} processes" if world_size > 1 else ""
@@ -598,19 +623,9 @@ def run(args, rank, world_size, device):
 
     metrics = None
     if labels.size and (labels >= 0).all():
-        metrics = metrics_from_confusion(confusion_matrix(labels, predictions, num_classes))
-        size = model.config["image_size"]
-        metrics["bits_per_dim"] = bits_per_dim_true_label(loglik, labels, (3, size, size))
-        metrics["temperature"] = temperature
-        metrics.update(utils.calibration_metrics(posteriors, labels, bins=CALIBRATION_BINS))
-        metrics["ece_standard_error"] = utils.ece_standard_error(posteriors, labels, bins=CALIBRATION_BINS)
-        metrics["class_names"] = [class_name(c) for c in range(num_classes)]
-        metrics["prior"] = args.prior
-        metrics["hflip"] = args.hflip
-        metrics["checkpoint"] = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
-        metrics["source"] = source
+        metrics = labelled_metrics(args, labels, predictions, loglik, posteriors, temperature,
+                                   model.config["image_size"], source)
 
-    text = csv_text(ids, predictions, scores, posteriors)
     if explaining:
         write_explanations(args, ids, paths, model.config["image_size"], maps, ranking, posteriors)
     if args.logits is not None:
@@ -619,6 +634,7 @@ def run(args, rank, world_size, device):
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
         diagram = reliability_diagram(posteriors, labels, f"T = {temperature:.3g}, ECE {metrics['ece']:.3f}")
         atomic_write(os.path.splitext(args.metrics_out)[0] + ".png", lambda f: diagram.save(f, format="PNG"))
+    text = csv_text(ids, predictions, scores, posteriors)
     atomic_write(args.out, lambda f: f.write(text.encode()))
 
     if metrics is not None:
