@@ -220,6 +220,19 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert untimed(a) == untimed(b) == untimed(c)[1:]  # c[0]: the stop; train_bpd: each epoch alone
 
 
+def test_training_time_carries_on_across_a_resume(tiny_data, tmp_path):
+    """metrics.jsonl's seconds (the time axis of bench/plot_curves.py) count every session's
+    training, as the checkpoint's elapsed does."""
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    save_checkpoint(str(out / "last.pt"), {**state, "elapsed": 1000.0})  # as after a 1000 s session
+    assert train.main(args(tiny_data, out, "--epochs", "2", "--resume")) == 0
+    first, second = read_metrics(out)
+    assert first["seconds"] < 1000 <= second["seconds"] < 1000 + 120
+    assert torch.load(out / "last.pt", weights_only=True)["elapsed"] >= second["seconds"]
+
+
 def test_resume_from_an_earlier_checkpoint_cuts_metrics_back_to_it(tiny_data, tmp_path):
     """As after a kill between an evaluation and its save: the epochs after the checkpoint are
     logged once, by the resumed run."""
