@@ -380,6 +380,9 @@ class Trainer:
         return None
 
     def batches(self, epoch):
+        # DistributedSampler shuffles epoch e with seed + e, so seed s + 1 replays seed s's orders
+        # one epoch later (dropout, augmentation and initialisation still differ). Kept: another
+        # derivation would change every documented run's batches.
         sampler = torch.utils.data.distributed.DistributedSampler(
             self.train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True,
             seed=self.config["seed"], drop_last=False)

@@ -551,3 +551,62 @@ def test_the_report_split_is_held_out_and_written_for_classify(tiny_data, tmp_pa
     # A fresh run in the same folder without a report split leaves no report.csv of images it trains on.
     assert train.main(args(tiny_data, out, "--epochs", "1", "--overwrite")) == 0
     assert not (out / "splits" / "report.csv").exists() and (out / "splits" / "val.csv").exists()
+
+
+def record_batches(monkeypatch):
+    """Each epoch's batches of dataset indices, as train.py draws them: {epoch: [[i, ...], ...]}."""
+    drawn, real = {}, train.Trainer.batches
+
+    def recorded(self, epoch):
+        drawn[epoch] = real(self, epoch)
+        return drawn[epoch]
+    monkeypatch.setattr(train.Trainer, "batches", recorded)
+    return drawn
+
+
+def test_every_epoch_has_its_own_order_and_the_seed_sets_it(tiny_data, tmp_path, monkeypatch):
+    drawn, orders = record_batches(monkeypatch), {}
+    for seed in (0, 1):
+        assert train.main(args(tiny_data, tmp_path / f"s{seed}", "--epochs", "2", "--seed", seed)) == 0
+        orders[seed] = dict(drawn)
+        assert sorted(i for batch in drawn[0] for i in batch) == list(range(24))  # every image once
+    assert orders[0][0] != orders[0][1]  # epoch 2 is shuffled again
+    assert orders[0][0] != orders[1][0]  # another seed, another order
+
+
+def test_grad_clip_clips_every_step_at_its_norm(tiny_data, tmp_path, monkeypatch):
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *rest, **kwargs):
+        norms.append(max_norm)
+        return clip(parameters, max_norm, *rest, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    assert train.main(args(tiny_data, tmp_path / "off", "--epochs", "1")) == 0
+    assert norms == []  # grad_clip null: no clipping
+    assert train.main(args(tiny_data, tmp_path / "on", "--epochs", "1", "--grad-clip", "0.5")) == 0
+    assert norms == [0.5] * 3  # 3 steps
+
+
+def test_the_sample_grid_comes_from_the_averaged_weights(tiny_data, tmp_path, monkeypatch):
+    sampled, real = [], train.generate
+
+    def spy(model, *rest, **kwargs):
+        sampled.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *rest, **kwargs)
+    monkeypatch.setattr(train, "generate", spy)
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--samples-per-class", "2")) == 0
+    assert os.path.isfile(out / "samples_epoch0001.png") and len(sampled) == 1
+    state = load_checkpoint(str(out / "last.pt"))
+    assert_same_tensors(sampled[0], state["ema"])  # the EMA's weights, not the raw ones
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["ema"])
+
+
+def test_the_weight_average_warms_up_before_its_decay():
+    """Update n moves the average by 1 - min(decay, (1 + n) / (10 + n)) of the way to the weights:
+    0.9 at the first update, then less, down to 1 - decay."""
+    update = train.ema_multi_avg_fn(0.99)
+    for n, moved in ((0, 0.9), (10, 1 - 11 / 20), (10_000, 0.01)):
+        average = [torch.zeros(3)]
+        update(average, [torch.ones(3)], torch.tensor(n))
+        assert torch.allclose(average[0], torch.full((3,), moved)), n
