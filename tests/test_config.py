@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from config import (DEFAULTS, ArgumentParser, UsageError, first_error, gather_on_main, join_processes, leave_processes,
-                    merge_on_resume, parse_duration, parse_training_args, training_parser, validate_config)
+                    merge_on_resume, parse_duration, parse_training_args, training_parser, validate_config,
+                    validation_seed)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -62,6 +63,17 @@ def test_values_are_checked_against_the_table():
                           (["--max-time", ".nan"], "not a duration")]:
         with pytest.raises(UsageError, match=message):
             parse(argv)
+
+
+def test_the_validation_split_follows_split_seed_and_else_seed():
+    assert validation_seed({"seed": 3, "split_seed": 0}) == 0  # seed replicates share a split
+    assert validation_seed({"seed": 3, "split_seed": None}) == 3
+    assert validation_seed({"seed": 3}) == 3  # a config from before split_seed
+
+
+def test_the_hybrid_loss_needs_a_conditional_model():
+    with pytest.raises(UsageError, match="cls_loss_weight' needs num_classes > 0"):
+        validate_config({**DEFAULTS, "num_classes": 0, "embedding_dim": 0, "cls_loss_weight": 0.01})
 
 
 def test_text_flags_stay_as_typed():

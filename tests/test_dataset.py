@@ -110,6 +110,10 @@ def test_split_train_val_deterministic_and_stratified():
     assert len(val) == 20 and sorted(train + val) == sorted(items)
     assert [sum(1 for _, l in val if l == k) for k in range(4)] == [5, 5, 5, 5]
     assert ds.split_train_val(items, 0.0, seed=0) == (items, [])
+    # a class too small for round(n * fraction) still gives one item, and a lone item stays in training
+    small = [("a0", 0), ("a1", 0), ("a2", 0), ("b0", 1)] + [(f"c{i}", 2) for i in range(20)]
+    _, val = ds.split_train_val(small, 0.1, seed=0)
+    assert sorted(label for _, label in val) == [0, 2, 2]
 
 
 def tree_digest(root):

@@ -76,6 +76,8 @@ def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
     first_two = generate(model, torch.tensor([1, 1]), "naive", seed=derive_seed(7, 1, 0))
     assert torch.equal(read_png(out / "Class1" / "0000.png"), first_two[0])
     assert torch.equal(read_png(out / "Class1" / "0001.png"), first_two[1])
+    third = generate(model, torch.tensor([1, 1]), "naive", seed=derive_seed(7, 1, 1))  # batch 1, its own seed
+    assert torch.equal(read_png(out / "Class1" / "0002.png"), third[0])
     # the EMA weights (the raw ones differ) are the ones used: covered by the equality above
 
     same = tmp_path / "s2"
@@ -89,6 +91,8 @@ def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
         for i in range(5):
             assert (out / n / f"{i:04d}.png").read_bytes() == (same / n / f"{i:04d}.png").read_bytes()
     assert not torch.equal(read_png(out / "Class0" / "0000.png"), read_png(other / "Class0" / "0000.png"))
+
+    assert sample.parse_classes("2,0,2", K) == [2, 0]  # each class once, in the order given
 
     # --classes picks classes without changing their images
     only = tmp_path / "s4"

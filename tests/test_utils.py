@@ -393,6 +393,15 @@ def test_fit_prior_recovers_the_temperature_and_prior_that_made_the_labels():
     assert torch.logsumexp(fitted, 0).abs() < 1e-12  # a distribution over the labels
 
 
+def test_fit_prior_on_labels_that_the_likelihoods_contradict_gives_the_flattest_posterior():
+    """Every label the least likely under its image: the best 1/T is negative, which no T gives,
+    so T is the upper bound (a near-uniform posterior), not the lower (near-certain and wrong)."""
+    g = torch.Generator().manual_seed(2)
+    log_likelihoods = torch.randn(300, 3, generator=g, dtype=torch.float64) * 10
+    T, _ = fit_prior(log_likelihoods, log_likelihoods.argmin(1), bounds=(1e-2, 1e4))
+    assert T == 1e4
+
+
 def test_fit_prior_is_the_minimum_of_the_nll():
     """On a small biased sample: no nearby (T, prior) and not T alone gives a lower NLL, and a
     constant added to every image's log-likelihoods changes nothing."""
