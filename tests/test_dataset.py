@@ -42,6 +42,17 @@ def test_cpen455_layout_crlf_no_header(tmp_path):
         str(tmp_path), "train/0000002.jpg")
 
 
+def test_a_bare_id_is_looked_up_in_the_split_folder_first(tmp_path):
+    root = str(tmp_path)
+    for folder in ("train", ""):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        open(os.path.join(root, folder, "a.png"), "wb").close()
+    csv_path = os.path.join(root, "train.csv")
+    assert ds.image_path(root, csv_path, "a.png") == os.path.join(root, "train", "a.png")  # not root/a.png
+    os.remove(os.path.join(root, "train", "a.png"))
+    assert ds.image_path(root, csv_path, "a.png") == os.path.join(root, "a.png")
+
+
 def test_header_and_lf(tmp_path):
     rows = [("train/a.png", 1), ("train/b.png", 2)]
     csv_path = make_layout(str(tmp_path), rows, "id,label\ntrain/a.png,1\ntrain/b.png,2\n")

@@ -610,3 +610,17 @@ def test_the_weight_average_warms_up_before_its_decay():
         average = [torch.zeros(3)]
         update(average, [torch.ones(3)], torch.tensor(n))
         assert torch.allclose(average[0], torch.full((3,), moved)), n
+
+
+def test_every_step_mirrors_with_its_own_seed(tiny_data, tmp_path, monkeypatch):
+    """Augmentation seeds come from (seed, step, rank): each step draws other flips, and a run
+    with the same seed draws the same ones."""
+    seeds, flip = [], dataset.random_hflip
+
+    def spy(x, seed):
+        seeds.append(seed)
+        return flip(x, seed)
+    monkeypatch.setattr(dataset, "random_hflip", spy)
+    for run in ("a", "b"):
+        assert train.main(args(tiny_data, tmp_path / run, "--epochs", "2", "--hflip")) == 0
+    assert len(seeds) == 12 and len(set(seeds[:6])) == 6 and seeds[:6] == seeds[6:]
