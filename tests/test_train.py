@@ -230,7 +230,7 @@ def test_training_time_carries_on_across_a_resume(tiny_data, tmp_path):
     assert train.main(args(tiny_data, out, "--epochs", "2", "--resume")) == 0
     first, second = read_metrics(out)
     assert first["seconds"] < 1000 <= second["seconds"] < 1000 + 120
-    assert torch.load(out / "last.pt", weights_only=True)["elapsed"] >= second["seconds"]
+    assert torch.load(out / "last.pt", weights_only=True)["elapsed"] >= second["seconds"] - 0.005  # rounded
 
 
 def test_resume_from_an_earlier_checkpoint_cuts_metrics_back_to_it(tiny_data, tmp_path):
