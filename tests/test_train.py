@@ -439,7 +439,7 @@ def test_torchrun_two_processes_gloo_train_as_one_at_twice_the_batch(tiny_data, 
     gaps = torch.cat([(state["model"][k] - alone["model"][k]).abs().flatten() for k in alone["model"]])
     # summed in another order, the gradients differ in rounding; a rank training on its own half
     # moves the median weight by about the rate, 2e-3
-    assert gaps.median() < 1e-6 and gaps.max() < 1e-3, (gaps.median(), gaps.max())
+    assert gaps.median() < 1e-6 and gaps.max() < 5e-3, (gaps.median(), gaps.max())
     assert read_metrics(out)[-1]["train_bpd"] == pytest.approx(read_metrics(one)[-1]["train_bpd"], abs=1e-4)
 
 
