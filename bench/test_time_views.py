@@ -63,7 +63,8 @@ def score_under_masks(model, images, num_classes, masks, batch_size, device, see
     out = np.empty((masks, len(images), num_classes), dtype=np.float64)
     model.train()  # dropout on; the model has no other training-only behaviour
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc=f"{masks} dropout masks", leave=False):
+        for start in tqdm(range(0, len(images), batch_size), desc=f"{masks} dropout masks", leave=False,
+                          disable=None):  # on a terminal only, as classify.py's bar
             x = to_model_input(images[start:start + batch_size]).to(device)
             for mask in range(masks):
                 for label in range(num_classes):
