@@ -470,20 +470,18 @@ def test_a_reader_that_stops_early_does_not_stop_the_work(trained, cpen_root, tm
     ckpt, _ = trained
     out, metrics = tmp_path / "pred.csv", tmp_path / "m.json"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, os.path.join(ROOT, "classify.py"), "--checkpoint", ckpt, "--data-dir", cpen_root,
+               "--csv", cpen_root / "train.csv", "--out", out]
     reader, writer = os.pipe()
     os.close(reader)  # every write to stdout fails with EPIPE
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "classify.py"), "--checkpoint", ckpt,
-                             "--data-dir", cpen_root, "--csv", cpen_root / "train.csv", "--out", out,
-                             "--metrics-out", metrics], stdout=writer, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT, timeout=300)
+    result = subprocess.run([*command, "--metrics-out", metrics], stdout=writer, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT, timeout=300)
     os.close(writer)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert len(read_csv(out)[1]) == 12 and json.loads(metrics.read_text())["n"] == 12
     out.unlink()  # and with no stdout at all (`>&-`)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "classify.py"), "--checkpoint", ckpt,
-                             "--data-dir", cpen_root, "--csv", cpen_root / "train.csv", "--out", out],
-                            preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(command, preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert len(read_csv(out)[1]) == 12
 

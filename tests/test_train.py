@@ -553,52 +553,44 @@ def test_the_report_split_is_held_out_and_written_for_classify(tiny_data, tmp_pa
     assert not (out / "splits" / "report.csv").exists() and (out / "splits" / "val.csv").exists()
 
 
-def record_batches(monkeypatch):
-    """Each epoch's batches of dataset indices, as train.py draws them: {epoch: [[i, ...], ...]}."""
-    drawn, real = {}, train.Trainer.batches
+def record_calls(monkeypatch, owner, name):
+    """Wrap owner.name so that each call is recorded: -> the list of (its positional arguments,
+    its result), which grows as train.py calls it."""
+    calls, real = [], getattr(owner, name)
 
-    def recorded(self, epoch):
-        drawn[epoch] = real(self, epoch)
-        return drawn[epoch]
-    monkeypatch.setattr(train.Trainer, "batches", recorded)
-    return drawn
+    def recorded(*positional, **keywords):
+        result = real(*positional, **keywords)
+        calls.append((positional, result))
+        return result
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
 
 
 def test_every_epoch_has_its_own_order_and_the_seed_sets_it(tiny_data, tmp_path, monkeypatch):
-    drawn, orders = record_batches(monkeypatch), {}
+    calls, orders = record_calls(monkeypatch, train.Trainer, "batches"), {}
     for seed in (0, 1):
         assert train.main(args(tiny_data, tmp_path / f"s{seed}", "--epochs", "2", "--seed", seed)) == 0
-        orders[seed] = dict(drawn)
-        assert sorted(i for batch in drawn[0] for i in batch) == list(range(24))  # every image once
+        orders[seed] = {epoch: batches for (_, epoch), batches in calls[-2:]}  # [[index, ...], ...]
+        assert sorted(i for batch in orders[seed][0] for i in batch) == list(range(24))  # every image once
     assert orders[0][0] != orders[0][1]  # epoch 2 is shuffled again
     assert orders[0][0] != orders[1][0]  # another seed, another order
 
 
 def test_grad_clip_clips_every_step_at_its_norm(tiny_data, tmp_path, monkeypatch):
-    norms, clip = [], torch.nn.utils.clip_grad_norm_
-
-    def spy(parameters, max_norm, *rest, **kwargs):
-        norms.append(max_norm)
-        return clip(parameters, max_norm, *rest, **kwargs)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    calls = record_calls(monkeypatch, torch.nn.utils, "clip_grad_norm_")
     assert train.main(args(tiny_data, tmp_path / "off", "--epochs", "1")) == 0
-    assert norms == []  # grad_clip null: no clipping
+    assert calls == []  # grad_clip null: no clipping
     assert train.main(args(tiny_data, tmp_path / "on", "--epochs", "1", "--grad-clip", "0.5")) == 0
-    assert norms == [0.5] * 3  # 3 steps
+    assert [max_norm for (_, max_norm), _ in calls] == [0.5] * 3  # 3 steps
 
 
 def test_the_sample_grid_comes_from_the_averaged_weights(tiny_data, tmp_path, monkeypatch):
-    sampled, real = [], train.generate
-
-    def spy(model, *rest, **kwargs):
-        sampled.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real(model, *rest, **kwargs)
-    monkeypatch.setattr(train, "generate", spy)
+    calls = record_calls(monkeypatch, train, "generate")
     out = tmp_path / "out"
     assert train.main(args(tiny_data, out, "--epochs", "1", "--samples-per-class", "2")) == 0
-    assert os.path.isfile(out / "samples_epoch0001.png") and len(sampled) == 1
-    state = load_checkpoint(str(out / "last.pt"))
-    assert_same_tensors(sampled[0], state["ema"])  # the EMA's weights, not the raw ones
+    assert os.path.isfile(out / "samples_epoch0001.png") and len(calls) == 1
+    state = load_checkpoint(str(out / "last.pt"))  # saved after the grid, with no step between
+    assert_same_tensors(calls[0][0][0].state_dict(), state["ema"])  # the EMA's weights, not the raw ones
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["ema"])
 
 
@@ -615,12 +607,8 @@ def test_the_weight_average_warms_up_before_its_decay():
 def test_every_step_mirrors_with_its_own_seed(tiny_data, tmp_path, monkeypatch):
     """Augmentation seeds come from (seed, step, rank): each step draws other flips, and a run
     with the same seed draws the same ones."""
-    seeds, flip = [], dataset.random_hflip
-
-    def spy(x, seed):
-        seeds.append(seed)
-        return flip(x, seed)
-    monkeypatch.setattr(dataset, "random_hflip", spy)
+    calls = record_calls(monkeypatch, dataset, "random_hflip")
     for run in ("a", "b"):
         assert train.main(args(tiny_data, tmp_path / run, "--epochs", "2", "--hflip")) == 0
+    seeds = [seed for (_, seed), _ in calls]
     assert len(seeds) == 12 and len(set(seeds[:6])) == 6 and seeds[:6] == seeds[6:]
