@@ -212,8 +212,8 @@ def with_calibration_from(state, other, other_path):
 
 
 def restore_rng(state, rank, world_size):
-    """Restore this process's RNG from a training_state() dict, where the run had as many
-    processes (a run resumed on another number of processes keeps its fresh seeds)."""
+    """Restore this process's RNG from a training_state() dict where the run had as many
+    processes, or rank 0's on a single process; on any other number, the fresh seeds stay."""
     per_rank = state.get("rng_per_rank")
     if per_rank is not None and len(per_rank) == world_size:
         set_rng_state(per_rank[rank])

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from checkpoint import (CheckpointError, Progress, atomic_write, for_inference, load_checkpoint,
-                        model_from_checkpoint, remove_cut_short_writes, restore_training_state,
-                        rng_state, save_checkpoint, training_state)
+                        model_from_checkpoint, remove_cut_short_writes, restore_rng,
+                        restore_training_state, rng_state, save_checkpoint, seed_everything,
+                        training_state)
 from checkpoint import main as checkpoint_main
 from classify import score_images
 from config import validation_seed
@@ -122,12 +123,31 @@ def test_a_checkpoint_for_inference_drops_what_only_resuming_needs(tmp_path):
     shipped = load_checkpoint(tmp_path / "shipped.pt")
     assert os.path.getsize(tmp_path / "shipped.pt") < 0.6 * os.path.getsize(tmp_path / "last.pt")
     assert shipped["temperature"] == 7.5 and shipped["config"] == state["config"]
+    assert not {"optimizer", "scheduler", "rng", "rng_per_rank"} & set(shipped)
     x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([2, 0])
     for weights in ("ema", "model"):
         assert torch.equal(model_from_checkpoint(shipped, weights)(x, y),
                            model_from_checkpoint(state, weights)(x, y))
     with pytest.raises(CheckpointError, match="cannot resume from it.*'optimizer'.*classify/sample"):
         restore_training_state(shipped, model, None, None, None, "shipped.pt")
+
+
+def test_a_resume_restores_each_process_rng_where_the_number_of_processes_allows():
+    """A run on as many processes continues each one's RNG; a single process continues rank 0's;
+    any other number keeps the fresh seeds that training set before the resume."""
+    def stream(seed):
+        seed_everything(seed)
+        return rng_state(), torch.rand(3)
+
+    (rank0, after0), (rank1, after1), (_, fresh) = stream(10), stream(11), stream(12)
+    two_processes = {"rng": rank0, "rng_per_rank": [rank0, rank1]}
+    one_process = {"rng": rank0, "rng_per_rank": None}
+    for state, rank, world_size, expected in [(two_processes, 1, 2, after1), (two_processes, 0, 1, after0),
+                                              (one_process, 0, 1, after0), (one_process, 1, 2, fresh),
+                                              (two_processes, 2, 3, fresh)]:
+        seed_everything(12)
+        restore_rng(state, rank, world_size)
+        assert torch.equal(torch.rand(3), expected), (rank, world_size)
 
 
 def test_the_checkpoint_command_writes_the_copy_and_refuses_to_overwrite_its_source(tmp_path):

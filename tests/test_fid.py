@@ -98,6 +98,8 @@ def test_fid_warns_with_few_images():
     assert len(messages) == 1 and "singular" in messages[0]
     assert "Class0 (3 generated, 20 reference)" in messages[0] and "Class1 (6 generated" in messages[0]
     assert "pooled" not in messages[0]  # 9 generated > 8 dims
+    _, messages = fid.compute_fid(gen[:8], [-1] * 8, ref, [-1] * 30, dims=8)
+    assert messages and "pooled (8 generated, 30 reference)" in messages[0]  # 8 images span 7 dimensions
     _, messages = fid.compute_fid(gen, [0] * 8 + [2], ref, [0] * 30, dims=8)
     assert any("no FID for Class2" in m for m in messages)
 

@@ -171,6 +171,21 @@ def test_best_pt_stores_the_validation_figures_of_its_ema_weights(tiny_data, tmp
         utils.fit_temperature(ll, val.labels), rel=1e-6)
 
 
+@pytest.mark.parametrize("metric, values", [("val_acc", [0.5, 0.75, 0.75]), ("val_bpd", [5.0, 4.0, 4.0])])
+def test_best_pt_keeps_the_earlier_of_two_evaluations_that_tie(tiny_data, tmp_path, monkeypatch, metric, values):
+    """A later evaluation replaces best.pt only if it does strictly better."""
+    figures = iter(values)
+
+    def evaluate(*unused, **unused_too):
+        return {"val_bpd": 5.0, "val_acc": 0.5, metric: next(figures), "temperature": 1.0, "val_ece": 0.0}
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "3", "--best-metric", metric)) == 0
+    assert [m["step"] for m in read_metrics(out)] == [3, 6, 9]
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 6
+
+
 def test_sample_grids_and_best_by_bits_per_dim(tiny_data, tmp_path):
     out = tmp_path / "out"
     assert train.main(args(tiny_data, out, "--epochs", "3", "--samples-per-class", "1", "--sample-every", "2",
@@ -429,6 +444,8 @@ def test_torchrun_two_processes_gloo_train_as_one_at_twice_the_batch(tiny_data, 
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_checkpoint(str(out / "last.pt"))
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    ranks = [rank_state["torch"] for rank_state in state["rng_per_rank"]]
+    assert not torch.equal(*ranks)  # seeded with seed + rank: each process draws its own dropout masks
     assert state["step"] == 4  # 24 images over 2 processes at batch 8: 2 steps per epoch
     assert not any(k.startswith("module.") for k in state["model"])
     assert len(read_metrics(out)) == 2  # rank 0 only

@@ -11,7 +11,8 @@ from model import build_model
 from utils import (bits_per_dim, calibration_metrics, class_log_likelihoods, class_pixel_log_likelihoods,
                    discretized_mix_logistic_log_probs, discretized_mix_logistic_nll, ece_standard_error,
                    fit_prior, fit_temperature, in_eval_mode, log_posterior, reliability,
-                   sample_from_discretized_mix_logistic, sample_guided_pixel, snap_to_levels, training_loss)
+                   sample_from_discretized_mix_logistic, sample_guided_pixel, snap_to_levels,
+                   top_posterior_bins, training_loss)
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1
 TINY = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
@@ -433,6 +434,14 @@ def test_calibration_metrics_by_hand():
     assert metrics["brier"] == pytest.approx((0.02 + 1.62 + 0.32 + 0.5) / 4)
     count, confidence, accuracy = reliability(posteriors, labels)
     assert count.sum() == 4 and count[13] == 2 and confidence[13] == pytest.approx(0.9) and accuracy[13] == 0.5
+
+
+def test_a_top_posterior_on_a_bin_edge_falls_in_the_bin_below():
+    """Bin b of 4 holds (b/4, (b+1)/4]: 0.5 is in bin 1, 0.75 in bin 2, 1 in the last."""
+    posteriors = torch.tensor([[0.5, 0.3, 0.2], [0.25, 0.75, 0], [1, 0, 0], [0.6, 0.4, 0]], dtype=torch.float64)
+    index, confidence, correct = top_posterior_bins(posteriors, torch.tensor([0, 1, 1, 0]), bins=4)
+    assert index.tolist() == [1, 2, 3, 2] and correct.tolist() == [1, 1, 0, 1]
+    assert confidence.tolist() == [0.5, 0.75, 1.0, 0.6]
 
 
 def test_ece_standard_error_is_the_bootstrap_spread():
