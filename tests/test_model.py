@@ -17,9 +17,9 @@ MODES = [  # (num_classes, embedding_dim, block_conditioning)
 
 
 def tiny_model(num_classes=3, embedding_dim=4, block_conditioning="none", **overrides):
-    config = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
-                  num_classes=num_classes, embedding_dim=embedding_dim,
-                  block_conditioning=block_conditioning, **overrides)
+    config = {**dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
+                     num_classes=num_classes, embedding_dim=embedding_dim,
+                     block_conditioning=block_conditioning), **overrides}
     torch.manual_seed(0)
     return randomize_label_parameters(build_model(config)).double().eval()
 
@@ -78,13 +78,44 @@ def test_label_changes_output(num_classes, embedding_dim, conditioning):
     assert (out0 - out2).abs().max() > 1e-6
 
 
-def test_labels_start_neutral():
+@pytest.mark.parametrize("num_classes,embedding_dim,conditioning", [m for m in MODES if m[0]])
+def test_labels_start_neutral(num_classes, embedding_dim, conditioning):
     """At init every label gives the same output, so that the hybrid loss starts at log K."""
     torch.manual_seed(0)
     model = build_model(dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0, image_size=8,
-                             num_classes=3, embedding_dim=4, block_conditioning="film")).eval()
+                             num_classes=num_classes, embedding_dim=embedding_dim,
+                             block_conditioning=conditioning)).eval()
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     assert torch.equal(model(x, torch.tensor([0, 0])), model(x, torch.tensor([2, 2])))
+
+
+@pytest.mark.parametrize("num_classes,embedding_dim,conditioning", [m for m in MODES if m[0]])
+def test_each_image_is_conditioned_on_its_own_label(num_classes, embedding_dim, conditioning):
+    model = tiny_model(num_classes, embedding_dim, conditioning)
+    x, labels = torch.rand(3, 3, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 2, 1])
+    out = model(x, labels)
+    for b in range(3):
+        assert torch.allclose(out[b], model(x[b:b + 1], labels[b:b + 1])[0], rtol=1e-10, atol=1e-12), b
+
+
+def test_the_input_is_the_image_a_ones_channel_and_the_label_embedding():
+    model = tiny_model(3, 4, "none")
+    x, labels = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 2])
+    h = model.embed_input(x, labels)  # [2, 3 + 1 + 4, 8, 8]
+    assert h.shape == (2, 8, 8, 8) and torch.equal(h[:, :3], x)
+    assert torch.equal(h[:, 3], torch.ones(2, 8, 8, dtype=torch.float64))
+    assert torch.equal(h[:, 4:], model.label_embedding.weight[labels][:, :, None, None].expand(-1, -1, 8, 8))
+
+
+def test_the_dropout_config_reaches_the_network_in_training_only():
+    model = tiny_model(dropout=0.5).train()
+    x, labels = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 2])
+    torch.manual_seed(1)
+    once = model(x, labels)
+    torch.manual_seed(2)
+    assert not torch.allclose(once, model(x, labels))
+    model.eval()
+    assert torch.equal(model(x, labels), model(x, labels))
 
 
 def test_unconditional_model_needs_no_labels():

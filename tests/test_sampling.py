@@ -164,6 +164,26 @@ def test_guided_fast_equals_naive_in_float64_and_differs_from_unguided():
     assert torch.equal(fast[:, :, :3], given[:, :, :3])
 
 
+@pytest.mark.parametrize("sampler", ["fast", "naive"])
+def test_an_images_sample_does_not_depend_on_the_other_images_labels(sampler):
+    """Guided, each image is scored under every label and guided to its own: the samplers share
+    that code, so that agreeing with each other does not show it."""
+    model = tiny_model()
+    for guidance in (0.0, 2.0):
+        a = sampling.generate(model, torch.tensor([0, 2]), sampler, seed=5, guidance=guidance)
+        b = sampling.generate(model, torch.tensor([0, 1]), sampler, seed=5, guidance=guidance)
+        assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1]), guidance
+
+
+def test_the_fast_sampler_never_runs_the_full_network(monkeypatch):
+    model = tiny_model()
+
+    def full_forward(*args, **kwargs):
+        raise AssertionError("the fast sampler ran a full forward pass")
+    monkeypatch.setattr(model, "forward", full_forward)
+    assert sampling.generate(model, torch.tensor([0, 1]), "fast", seed=0).shape == (2, 3, 8, 8)
+
+
 def test_guidance_needs_labels():
     with pytest.raises(ValueError, match="guidance"):
         sampling.generate(tiny_model(num_classes=0, embedding_dim=0, conditioning="none"), None,
