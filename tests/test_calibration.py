@@ -152,3 +152,27 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         assert code == 2, argv
         assert err.count("\n") == 1 and message in err, err
         assert not saved.exists()
+
+
+def test_cross_fitted_lines_fit_on_one_half_and_score_the_other(tmp_path, capsys):
+    """Each cross-fitted line is exactly the figures of the other half's rows, at the fit of its own
+    half alone; and the printed prior is the fitted prior, as probabilities."""
+    ll, labels = overconfident(n=120)
+    ll[:, 3] += 40
+    logits, csv = write_inputs(tmp_path, ll, labels)
+    assert calibration.main(["--logits", logits, "--csv", csv]) == 0
+    out = capsys.readouterr().out
+    ll, labels = torch.from_numpy(ll), torch.from_numpy(labels)
+    items = dataset.parse_split_csv(csv, 4, allow_unknown=False)
+    (fit_a, score_b, _), (fit_b, score_a, _) = calibration.cross_fitting_halves(items)
+    for fit, score, name in ((fit_a, score_b, "half A, scored on half B"),
+                             (fit_b, score_a, "half B, scored on half A")):
+        assert len(set(fit.tolist()) & set(score.tolist())) == 0
+        expected_t = calibration.line(f"T fitted on {name}", ll[score], labels[score],
+                                      fit_temperature(ll[fit], labels[fit]))
+        expected_prior = calibration.line(f"T and prior fitted on {name}", ll[score], labels[score],
+                                          *fit_prior(ll[fit], labels[fit]))
+        assert expected_t in out.splitlines() and expected_prior in out.splitlines()
+    prior = [float(p) for p in re.search(r"the fitted prior: (.*)", out)[1].split(", ")]
+    assert abs(sum(prior) - 1) < 1e-3
+    assert np.allclose(prior, fit_prior(ll, labels)[1].exp().numpy(), atol=1e-4)

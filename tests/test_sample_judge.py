@@ -141,3 +141,92 @@ def test_bad_inputs_exit_2_with_one_line(demo_root, saved_judge, tmp_path, capsy
         assert code == 2, argv
         assert err.count("\n") == 1 and message in err, err
         assert not out.exists()
+
+
+def test_the_training_split_never_holds_a_validation_image(demo_root):
+    (train_images, train_labels), (val_images, val_labels) = sample_judge.read_cpen455(demo_root, progress=False)
+    assert len(train_labels) + len(val_labels) == 4 * 40 and len(val_labels) == 4 * 4  # 10%, stratified
+    assert torch.bincount(val_labels).tolist() == [4, 4, 4, 4]
+    train_flat = train_images.flatten(1)
+    assert not any((train_flat == v).all(1).any() for v in val_images.flatten(1))  # disjoint
+
+
+class FirstPixelJudge(torch.nn.Module):
+    """Predicts the class written in each image's first pixel (images hold their prediction)."""
+    def forward(self, x):  # x in [-1, 1]; pixel value k -> class k
+        predicted = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
+        return torch.nn.functional.one_hot(predicted, 4).float()
+
+
+def images_holding(values):
+    """32x32 images, each of one grey level from `values`."""
+    return torch.tensor(values, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 32, 32).contiguous()
+
+
+def test_judge_set_counts_per_class_by_hand(capsys):
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    result = sample_judge.judge_set(FirstPixelJudge(), images_holding([0, 1, 0, 1, 1, 0]), labels)
+    assert (result["correct"], result["n"], result["share"]) == (4, 6, 4 / 6)
+    assert result["per_class"] == {
+        class_name(0): {"correct": 2, "n": 3, "share": 2 / 3, "labelled_as": [2, 1, 0, 0]},
+        class_name(1): {"correct": 2, "n": 2, "share": 1.0, "labelled_as": [0, 2, 0, 0]},
+        class_name(2): {"correct": 0, "n": 1, "share": 0.0, "labelled_as": [1, 0, 0, 0]}}
+    samples = sample_judge.judge_set(FirstPixelJudge(), images_holding([0, 3, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    sample_judge.print_table({"validation": result, "samples": samples})
+    out = capsys.readouterr().out
+    assert f"| {class_name(0)} | 66.7% (2/3) | 50.0% (1/2) |" in out
+    assert f"| {class_name(2)} | 0.0% (0/1) | - |" in out
+    assert "| all | 66.7% (4/6) | 75.0% (3/4) |" in out
+
+
+def test_training_augments_every_batch_and_keeps_each_image_with_its_label(monkeypatch):
+    images = torch.arange(70, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 32, 32).contiguous()
+    labels = torch.arange(70) % 4  # image i holds pixel value i and label i % 4
+    seen_images, seen_targets = [], []
+
+    def spy_augment(x, generator):
+        seen_images.append(x)
+        return x
+
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy_cross_entropy(logits, target, *a, **k):
+        seen_targets.append(target)
+        return cross_entropy(logits, target, *a, **k)
+
+    monkeypatch.setattr(sample_judge, "augment", spy_augment)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy_cross_entropy)
+    sample_judge.train_judge(images, labels, epochs=1, seed=0, no_progress=True)
+    assert len(seen_images) == len(seen_targets) == 2  # 70 images, batches of 64: every step augmented
+    for x, target in zip(seen_images, seen_targets):
+        value = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
+        assert torch.equal(value % 4, target)
+    assert sorted(torch.cat([torch.round((x[:, 0, 0, 0] + 1) * 127.5) for x in seen_images]).long().tolist()) \
+        == list(range(70))
+
+
+def test_the_frechet_floor_takes_as_many_training_images_as_samples(monkeypatch):
+    # its features (what comes before the last layer) are the channel means
+    judge = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4))
+    train, val = images_holding(range(0, 20)), images_holding(range(100, 110))
+    samples = images_holding(range(200, 205))
+    calls = []
+    monkeypatch.setattr(sample_judge.fid, "fid_from_features", lambda a, b: calls.append((a, b)) or 0.0)
+    result = sample_judge.frechet_to_validation(judge, samples, train, val, seed=0)
+    assert result["n"] == 5
+    (to_samples, val_a), (to_training, val_b) = calls
+    level = lambda f: np.round((f[:, 0] + 1) * 127.5).astype(int)  # features -> the images' pixel value
+    assert sorted(level(val_a)) == sorted(level(val_b)) == list(range(100, 110))
+    assert sorted(level(to_samples)) == list(range(200, 205))
+    floor = level(to_training)
+    assert len(floor) == 5 and len(set(floor)) == 5 and all(0 <= v < 20 for v in floor)  # 5 training images
+
+
+def test_augment_draws_every_shift_up_to_shift_each_way():
+    rows, cols = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    x = torch.stack([rows, cols, rows * 0]).expand(1000, -1, -1, -1)  # each pixel holds its row and column
+    out = sample_judge.augment(x, torch.Generator().manual_seed(0))
+    s = sample_judge.SHIFT
+    assert {int(v) - 5 for v in out[:, 0, 5, 5]} == set(range(-s, s + 1))  # every vertical shift, both ways
+    # columns: shifted from column 5, or from column 4 where the image was mirrored first
+    assert {int(v) for v in out[:, 1, 5, 5]} == set(range(5 - s, 5 + s + 1)) | set(range(4 - s, 4 + s + 1))

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import torch
@@ -80,3 +81,43 @@ def test_without_dropout_every_mask_is_the_network_itself():
     plain, _ = score_images(model, images, 3, batch_size=5, device="cpu", progress=False)
     assert np.ptp(plain, axis=1).min() > 1e-2  # every image scores differently under each label
     assert np.allclose(masked, np.stack([plain, plain]), rtol=0, atol=1e-3)  # label by label
+
+
+def test_the_view_sets_hold_the_views_they_name():
+    shifts = {d: {(d, 0), (-d, 0), (0, d), (0, -d)} for d in (1, 2)}
+    expected = {"id": {"id"}, "id+flip": {"id", "flip"}, "id+shift1": {"id"} | shifts[1],
+                "id+shift2": {"id"} | shifts[2], "id+flip+shift1": {"id", "flip"} | shifts[1],
+                "id+shift1+shift2": {"id"} | shifts[1] | shifts[2], "all": {"id", "flip"} | shifts[1] | shifts[2]}
+    assert {name: set(views) for name, views in test_time_views.VIEW_SETS.items()} == expected
+    assert all(len(views) == len(set(views)) for views in test_time_views.VIEW_SETS.values())  # no view twice
+    images = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8)
+    assert torch.equal(test_time_views.view(images, "flip")[..., 0], images[..., -1])  # left-right mirror
+    assert torch.equal(test_time_views.view(images, "flip")[..., 0, :], images[..., 0, :].flip(-1))
+
+
+def test_rows_average_the_views_and_combine_the_masks_by_mean_and_by_mixture(monkeypatch, capsys):
+    """Fake log-likelihoods where the mean of views, their max, one mask, the masks' mean and
+    their log-mean-exp each give a different accuracy."""
+    labels = [1, 0, 0, 0, 0]
+    by_view = {"id": [[0.0, -10.0]] * 5, "flip": [[-100.0, -1.0]] * 5}  # mean -> class 1, max -> class 0
+    a, b, c = [[0.0, -5.0], [-100.0, -6.0]], [[0.0, -5.0], [-100.0, -6.0]], [[-1.0, 0.0], [0.0, -5.0]]
+    masked = np.array([a, b, b, c, c], dtype=np.float64).transpose(1, 0, 2)  # [masks 2, images 5, K 2]
+    model = types.SimpleNamespace(config={"num_classes": 2, "image_size": 4})
+    monkeypatch.setattr(test_time_views, "load_model", lambda path, device: (model, None))
+    items = [(f"train/{i}.jpg", y) for i, y in enumerate(labels)]
+    monkeypatch.setattr(test_time_views, "read_split_csv", lambda root, csv, num_classes, allow_unknown: items)
+    images = torch.zeros(5, 3, 4, 4, dtype=torch.uint8)
+    monkeypatch.setattr(test_time_views, "load_images", lambda paths, size: images)
+    monkeypatch.setattr(test_time_views, "speed_up_cpu", lambda: None)
+    monkeypatch.setattr(test_time_views, "view", lambda images, name: name)
+    monkeypatch.setattr(test_time_views, "score_images",
+                        lambda m, name, K, bs, dev: (np.array(by_view.get(name, [[0.0, 0.0]] * 5)), None))
+    monkeypatch.setattr(test_time_views, "score_under_masks", lambda m, images, K, masks, bs, dev: masked[:masks])
+    monkeypatch.setattr(sys, "argv", ["test_time_views.py", "--checkpoint", "c.pt", "--data-dir", ".",
+                                      "--csv", "v.csv", "--dropout-masks", "2"])
+    test_time_views.main()
+    out = capsys.readouterr().out
+    assert accuracy_of(out, "id") == 4 and accuracy_of(out, "id+flip") == 1  # the mean of the views
+    assert accuracy_of(out, "one mask") == 2  # the first mask alone
+    assert accuracy_of(out, "masks (mean)") == 3  # the product of the sub-networks
+    assert accuracy_of(out, "masks (mixture)") == 4  # log-mean-exp
