@@ -100,8 +100,8 @@ def test_rows_average_the_views_and_combine_the_masks_by_mean_and_by_mixture(mon
     their log-mean-exp each give a different accuracy."""
     labels = [1, 0, 0, 0, 0]
     by_view = {"id": [[0.0, -10.0]] * 5, "flip": [[-100.0, -1.0]] * 5}  # mean -> class 1, max -> class 0
-    a, b, c = [[0.0, -5.0], [-100.0, -6.0]], [[0.0, -5.0], [-100.0, -6.0]], [[-1.0, 0.0], [0.0, -5.0]]
-    masked = np.array([a, b, b, c, c], dtype=np.float64).transpose(1, 0, 2)  # [masks 2, images 5, K 2]
+    under_masks = [[[0.0, -5.0], [-100.0, -6.0]]] * 3 + [[[-1.0, 0.0], [0.0, -5.0]]] * 2  # per image, per mask
+    masked = np.array(under_masks, dtype=np.float64).transpose(1, 0, 2)  # [masks 2, images 5, K 2]
     model = types.SimpleNamespace(config={"num_classes": 2, "image_size": 4})
     monkeypatch.setattr(test_time_views, "load_model", lambda path, device: (model, None))
     items = [(f"train/{i}.jpg", y) for i, y in enumerate(labels)]
