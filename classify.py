@@ -551,6 +551,10 @@ def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
         atomic_write(args.explain_out, lambda f: np.savez(f, **arrays))
 
 
+def describe_prior(log_prior):
+    return ", ".join(f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior))
+
+
 def choose_prior(args, num_classes, fitted, temperature, say):
     """-> (log p(c) [K] or None, the temperature to use with it): --prior none, train (train.csv's
     label frequencies) or fitted (stored in the checkpoints, with the temperature fitted with it)."""
@@ -560,13 +564,11 @@ def choose_prior(args, num_classes, fitted, temperature, say):
             raise DataError(f"--prior train needs {train_csv}, which does not exist")
         train_items = read_split_csv(args.data_dir, train_csv, num_classes=num_classes)
         log_prior = log_prior_from_labels([label for _, label in train_items], num_classes)
-        say(f"prior from {train_csv}: " + ", ".join(
-            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+        say(f"prior from {train_csv}: {describe_prior(log_prior)}")
         return log_prior, temperature
     if args.prior == "fitted":
         log_prior, temperature = stored_prior(args.checkpoint, fitted, args.temperature)
-        say(f"prior fitted on the validation split, at T = {temperature:.4g}: " + ", ".join(
-            f"{class_name(c)} {math.exp(v):.4f}" for c, v in enumerate(log_prior)))
+        say(f"prior fitted on the validation split, at T = {temperature:.4g}: {describe_prior(log_prior)}")
         return log_prior, temperature
     return None, temperature
 

@@ -151,11 +151,15 @@ def test_the_training_split_never_holds_a_validation_image(demo_root):
     assert not any((train_flat == v).all(1).any() for v in val_images.flatten(1))  # disjoint
 
 
+def first_pixel_level(x):
+    """[B, 3, H, W] in [-1, 1] -> the grey level 0..255 of each image's first pixel [B]."""
+    return torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
+
+
 class FirstPixelJudge(torch.nn.Module):
     """Predicts the class written in each image's first pixel (images hold their prediction)."""
-    def forward(self, x):  # x in [-1, 1]; pixel value k -> class k
-        predicted = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
-        return torch.nn.functional.one_hot(predicted, 4).float()
+    def forward(self, x):
+        return torch.nn.functional.one_hot(first_pixel_level(x), 4).float()
 
 
 def images_holding(values):
@@ -199,10 +203,8 @@ def test_training_augments_every_batch_and_keeps_each_image_with_its_label(monke
     sample_judge.train_judge(images, labels, epochs=1, seed=0, no_progress=True)
     assert len(seen_images) == len(seen_targets) == 2  # 70 images, batches of 64: every step augmented
     for x, target in zip(seen_images, seen_targets):
-        value = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
-        assert torch.equal(value % 4, target)
-    assert sorted(torch.cat([torch.round((x[:, 0, 0, 0] + 1) * 127.5) for x in seen_images]).long().tolist()) \
-        == list(range(70))
+        assert torch.equal(first_pixel_level(x) % 4, target)
+    assert sorted(torch.cat([first_pixel_level(x) for x in seen_images]).tolist()) == list(range(70))
 
 
 def test_the_frechet_floor_takes_as_many_training_images_as_samples(monkeypatch):
