@@ -17,7 +17,8 @@ read_split_csv(root, csv_path, num_classes=None, allow_unknown=True) -> list[(id
     "train/0000001.jpg" (relative to root) or bare names "0000001.jpg" (relative to
     root/<split>/ for root/<split>.csv). Extra columns after the label are ignored. Raises
     DataError for a missing root or CSV, a malformed row, a label outside -1..num_classes-1
-    (or -1 when allow_unknown is False), or a listed file that does not exist.
+    (or -1 when allow_unknown is False), a listed file that does not exist, or classify.py's output
+    (a header with posterior_ columns: its labels are predictions).
 image_path(root, csv_path, item_id) -> str  the file of a CSV item (csv_path None: a folder item)
 item_paths(root, csv_path, items) -> list[str]
 list_image_folder(folder) -> list[(id, -1)]  every image under folder, recursively, sorted; ids
@@ -145,6 +146,10 @@ def _labelled_rows(csv_path, num_classes, allow_unknown):
         if not row or all(not cell.strip() for cell in row):
             continue  # blank line
         if row_number == 1 and _is_header(row):
+            if any(cell.strip().startswith("posterior_") for cell in row):
+                # metrics against its own predictions would read 100%
+                raise DataError(f"{csv_path}: this is classify.py's output, whose label column holds "
+                                "predicted labels; give an id,label CSV of the true labels (-1 where unknown)")
             continue
         where = f"{csv_path}, row {row_number}"
         if len(row) < 2 or not row[0].strip():

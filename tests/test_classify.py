@@ -226,6 +226,17 @@ def test_csv_subset_keeps_its_order(trained, cpen_root, tmp_path, capsys):
     assert "accuracy" in stdout
 
 
+def test_its_own_output_is_refused_as_labels(trained, cpen_root, tmp_path, capsys):
+    """A predictions CSV holds predicted labels: as --csv, the metrics would score it against itself."""
+    ckpt, _ = trained
+    predictions = tmp_path / "pred.csv"
+    assert run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--split", "val", "--out", predictions)[0] == 0
+    rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", predictions,
+                               "--out", tmp_path / "again.csv")
+    assert rc == 2 and "predicted labels" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "again.csv").exists()
+
+
 def test_train_prior(trained, cpen_root, tmp_path, capsys):
     """train.csv has classes 0 and 1 only (6 rows each): with --prior train, class 2 is never
     predicted, and predictions and posteriors follow log p(x|c) + log(count_c / 12) by hand."""

@@ -59,6 +59,13 @@ def test_header_and_lf(tmp_path):
     assert ds.read_split_csv(str(tmp_path), csv_path) == rows
 
 
+def test_a_predictions_csv_is_refused_as_labels(tmp_path):
+    rows = [("train/a.png", 1)]
+    csv_path = make_layout(str(tmp_path), rows, "id,label,loglik_Class0,posterior_Class0\ntrain/a.png,1,-9.5,1.0\n")
+    with pytest.raises(ds.DataError, match="predicted labels"):
+        ds.read_split_csv(str(tmp_path), csv_path)
+
+
 def test_bare_names_resolve_under_split_dir(tmp_path):
     root = str(tmp_path)
     for name in ("a.png", "b.png"):
