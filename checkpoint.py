@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from config import ArgumentParser, UsageError, check_output, first_line, report, run_cli
+from config import ArgumentParser, UsageError, check_distinct, check_output, first_line, report, run_cli
 from model import MODEL_DEFAULTS, build_model
 
 
@@ -275,9 +275,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         check_output("dest", args.dest)
+        check_distinct([("dest", args.dest)], [("source", args.source), ("--calibration-from", args.calibration_from)])
         state = load_checkpoint(args.source)
-        if os.path.exists(args.dest) and os.path.samefile(args.source, args.dest):
-            raise UsageError(f"{args.dest} is the source checkpoint: write the copy elsewhere")
         if args.calibration_from is not None:
             state = with_calibration_from(state, load_checkpoint(args.calibration_from), args.calibration_from)
         state = for_inference(state)

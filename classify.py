@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 import utils
 from checkpoint import atomic_write, load_model
-from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error,
+from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_distinct, check_output, first_error,
                     gather_on_main, join_processes, leave_processes, report, run_cli, speed_up_cpu,
                     validation_seed)
 from dataset import (DataError, class_name, item_paths, items_digest, list_image_folder, load_images,
@@ -425,6 +425,10 @@ def check_options(args):
                          ("--metrics-out", args.metrics_out), ("--explain-out", args.explain_out)):
         if path is not None:
             check_output(option, path)
+    diagram = os.path.splitext(args.metrics_out)[0] + ".png" if args.metrics_out is not None else None
+    check_distinct([("--out", args.out), ("--logits", args.logits), ("--metrics-out", args.metrics_out),
+                    ("--metrics-out's diagram", diagram), ("--explain-out", args.explain_out)],
+                   [("--csv", args.csv)] + [("--checkpoint", path) for path in args.checkpoint])
     if args.explain is not None:
         check_output("--explain", args.explain, folder=True)
     if args.explain_limit is not None:
@@ -531,6 +535,15 @@ def explain_paths(directory, ids):
     return [os.path.join(directory, relative) for relative in paths]
 
 
+def check_maps_spare_inputs(map_paths, ids, paths):
+    """UsageError if a map would be written over an image being classified (--explain DIR holding them)."""
+    inputs = {os.path.realpath(path): item_id for item_id, path in zip(ids, paths)}
+    for path in map_paths:
+        if os.path.realpath(path) in inputs:
+            raise UsageError(f"--explain: the map {path} would overwrite the image "
+                             f"{inputs[os.path.realpath(path)]!r}; give a folder apart from the images")
+
+
 def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):
     """One PNG per image under --explain, and the maps in --explain-out (.npz, keyed by id)."""
     ratio, bits = evidence_maps(maps, ranking[:len(maps), 0], ranking[:len(maps), 1])
@@ -612,8 +625,8 @@ def run(args, rank, world_size, device):
     say(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
         f"{model.config['image_size']}; device {device}{processes}")
     keep_maps = (args.explain_limit or len(paths)) if explaining else 0
-    if args.explain is not None:
-        explain_paths(args.explain, ids[:keep_maps])  # a clash or a climb out of DIR: before scoring
+    if args.explain is not None:  # a clash, a climb out of DIR or an image overwritten: before scoring
+        check_maps_spare_inputs(explain_paths(args.explain, ids[:keep_maps]), ids, paths)
     start = time.perf_counter()
     scored = score_all(models, paths, num_classes, args, rank, world_size, device, keep_maps)
     elapsed = time.perf_counter() - start

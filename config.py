@@ -65,6 +65,26 @@ def check_output(option, path, folder=False):
         raise UsageError(f"{option} {path}: no permission to write in {parent}")
 
 
+def same_file(a, b):
+    """Whether two paths name one file: the same file where both exist (links too), else one path."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_distinct(outputs, inputs=()):
+    """UsageError now unless every output, an (option, path) pair, names a file of its own: not an
+    input's and not another output's (a run would write over what it reads or has just written).
+    Pairs whose path is None are skipped."""
+    outputs = [(option, path) for option, path in outputs if path is not None]
+    inputs = [(option, path) for option, path in inputs if path is not None]
+    for k, (option, path) in enumerate(outputs):
+        for other, other_path in inputs + outputs[:k]:
+            if same_file(path, other_path):
+                raise UsageError(f"{option} {path} is the same file as {other} {other_path}; "
+                                 f"give {option} a path of its own")
+
+
 def report(prog, err):
     """Print a UsageError as exactly one line on stderr; -> the exit code for it."""
     print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -226,6 +246,8 @@ def parse_duration(value):
         parts = re.findall(pattern, text)
         if not parts or re.sub(pattern, "", text).strip():
             raise UsageError(f"max_time {value!r} is not a duration like '45m', '2h', '90s' or '1h30m'")
+        if len(parts) > 1 and any(unit == "" for _, unit in parts):  # '1h30': 30 s or 30 min?
+            raise UsageError(f"max_time {value!r}: give each number its unit, as in '1h30m'")
         seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit] for n, unit in parts)
     if not 0 < seconds < math.inf:
         raise UsageError(f"max_time must be a positive, finite duration, got {value!r}")

@@ -204,7 +204,10 @@ def log_posterior(log_likelihoods, log_prior=None, temperature=1.0):
     return joint - torch.logsumexp(joint, dim=1, keepdim=True)
 
 
-def fit_temperature(log_likelihoods, labels, log_prior=None, bounds=(1e-2, 1e4)):
+TEMPERATURE_BOUNDS = (1e-2, 1e4)  # what fit_temperature searches; the upper one: labels not predicted at all
+
+
+def fit_temperature(log_likelihoods, labels, log_prior=None, bounds=TEMPERATURE_BOUNDS):
     """The T in `bounds` that minimises the mean NLL of the true labels under
     log_posterior(log_likelihoods, log_prior, T) (temperature scaling, Guo et al., 2017).
 
@@ -230,7 +233,7 @@ def fit_temperature(log_likelihoods, labels, log_prior=None, bounds=(1e-2, 1e4))
     return 1.0 / ((low + high) / 2)
 
 
-def fit_prior(log_likelihoods, labels, bounds=(1e-2, 1e4)):
+def fit_prior(log_likelihoods, labels, bounds=TEMPERATURE_BOUNDS):
     """-> (T, log p(c) [K]) that together minimise the mean NLL of the true labels under
     log_posterior(log_likelihoods, log p(c), T): temperature scaling with a fitted prior.
 

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from classify import held_out_inputs  # noqa: E402
-from config import ArgumentParser, UsageError, check_output, first_line, report  # noqa: E402
-from utils import calibration_metrics, fit_prior, fit_temperature, log_posterior  # noqa: E402
+from config import ArgumentParser, UsageError, check_distinct, check_output, first_line, report  # noqa: E402
+from utils import TEMPERATURE_BOUNDS, calibration_metrics, fit_prior, fit_temperature, log_posterior  # noqa: E402
 
 PROG = "calibration.py"
 
@@ -64,12 +64,16 @@ def run(args):
         raise UsageError("--save writes a copy of --checkpoint; name the checkpoint too")
     if args.save:
         check_output("--save", args.save)
+        check_distinct([("--save", args.save)], [("--logits", args.logits), ("--csv", args.csv)])
     if (args.csv is None) == (args.held_out is None):
         raise UsageError("give the labels of the scored images: --csv PATH or --held-out val|report")
     if args.held_out and not (args.checkpoint and args.data_dir):
         raise UsageError("--held-out needs --checkpoint and --data-dir, to recompute the run's split")
     state = load_checkpoint(args.checkpoint) if args.save or args.held_out else None  # fail before any figures
     log_likelihoods = read_logits(args.logits)
+    labels_stored = state.get("config", {}).get("num_classes") if state is not None else None
+    if labels_stored not in (None, log_likelihoods.shape[1]):
+        raise UsageError(f"{args.logits} scores {log_likelihoods.shape[1]} labels, {args.checkpoint} has {labels_stored}")
     if args.held_out:
         run = {"config": state["config"], "held_out_digest": state.get("held_out_digest")}
         items = held_out_inputs(args.data_dir, args.held_out, [run], [args.checkpoint], log_likelihoods.shape[1])[0]
@@ -82,7 +86,12 @@ def run(args):
     print(line("the model's own posterior", log_likelihoods, labels, 1.0))
     fitted = fit_temperature(log_likelihoods, labels)
     print(line("T fitted on these images (in-sample)", log_likelihoods, labels, fitted))
+    if args.save and fitted >= TEMPERATURE_BOUNDS[1]:
+        raise UsageError(f"the fitted T is at its bound, {fitted:g}: {args.logits} does not predict the "
+                         f"labels of {source} (are they the same images in the same order?); nothing saved")
     halves = cross_fitting_halves(items)
+    if not halves:
+        print("(too few images of each label to cross-fit: no cross-fitted lines)")
     for fit, score, name in halves:
         print(line(f"T {name}", log_likelihoods[score], labels[score], fit_temperature(log_likelihoods[fit], labels[fit])))
     prior_temperature, log_prior = fit_prior(log_likelihoods, labels)
@@ -99,10 +108,13 @@ def run(args):
 
 
 def cross_fitting_halves(items):
-    """-> [(fit indices, score indices, name)] for the two stratified halves of `items` (seed 0)."""
+    """-> [(fit indices, score indices, name)] for the two stratified halves of `items` (seed 0);
+    [] where one half would be empty (no label has two images)."""
     rows = [(row, label) for row, (_, label) in enumerate(items)]  # by row: a CSV may repeat an id
-    first, second = (torch.tensor([row for row, _ in half])
+    first, second = (torch.tensor([row for row, _ in half], dtype=torch.long)
                      for half in dataset.split_train_val(rows, 0.5, seed=0))
+    if len(first) == 0 or len(second) == 0:
+        return []
     return [(first, second, "fitted on half A, scored on half B"),
             (second, first, "fitted on half B, scored on half A")]
 

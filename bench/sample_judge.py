@@ -34,7 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402  (the repository root is on the path only now)
 from checkpoint import atomic_write  # noqa: E402
-from config import ArgumentParser, UsageError, check_output, first_line, report, speed_up_cpu  # noqa: E402
+from config import ArgumentParser, UsageError, check_distinct, check_output, first_line, report, speed_up_cpu  # noqa: E402
 from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
 
@@ -94,7 +94,8 @@ def run(args):
     if samples is not None:
         result["samples_dir"] = args.samples
         result["samples"] = judge_set(judge, *samples)
-        result["frechet"] = frechet_to_validation(judge, samples[0], train_images, val_images, args.seed)
+        if len(samples[1]) >= 2:  # a Frechet distance needs two images to have a covariance
+            result["frechet"] = frechet_to_validation(judge, samples[0], train_images, val_images, args.seed)
     print_table(result)
     if args.out:
         text = json.dumps(result, indent=2) + "\n"
@@ -116,6 +117,7 @@ def check_args(args):
     for option, path in (("--save-judge", args.save_judge), ("--out", args.out)):
         if path:
             check_output(option, path)  # now, not after minutes of training
+    check_distinct([("--save-judge", args.save_judge), ("--out", args.out)], [("--judge", args.judge)])
 
 
 def read_cpen455(root, progress=True):

@@ -101,6 +101,15 @@ def test_held_out_takes_the_labels_of_the_split_the_run_held_out(tmp_path, capsy
     assert capsys.readouterr().out == from_csv
 
 
+def test_too_few_images_to_cross_fit_give_the_in_sample_lines_alone(tmp_path, capsys):
+    ll, labels = overconfident(n=3)
+    logits, csv = write_inputs(tmp_path, ll, np.array([0, 1, 2]))  # one image a label: no half B
+    assert calibration.main(["--logits", logits, "--csv", csv]) == 0
+    out = capsys.readouterr().out
+    assert "too few images of each label to cross-fit" in out and "half" not in out.replace("cross-fit", "")
+    assert "T fitted on these images (in-sample)" in printed(out)
+
+
 def test_the_halves_split_the_rows_even_where_the_csv_repeats_an_id(tmp_path):
     """Each id twice (a CSV that lists an image twice, with a row of --logits for each): the
     halves share no row and together hold every row."""
@@ -128,6 +137,12 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     wide_labels = tmp_path / "wide.csv"
     wide_labels.write_text("train/0.jpg,4\n")
     saved = tmp_path / "saved.pt"
+    five_labels = str(tmp_path / "five.pt")
+    save_checkpoint(five_labels, {"model": {}, "config": {"num_classes": 5}})
+    misaligned = str(tmp_path / "misaligned.npy")  # as if of other images: the labels score lowest
+    np.save(misaligned, -ll)
+    model = str(tmp_path / "model.pt")
+    save_checkpoint(model, {"model": {}, "config": {"num_classes": 4}})
     cases = {
         "name the checkpoint too": ["--logits", logits, "--csv", csv, "--save", str(saved)],
         "checkpoint not found": ["--logits", logits, "--csv", csv, "--checkpoint", str(tmp_path / "no.pt"),
@@ -142,6 +157,9 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         "required": ["--csv", csv],
         "give the labels of the scored images": ["--logits", logits],
         "--held-out needs --checkpoint and --data-dir": ["--logits", logits, "--held-out", "val"],
+        "is the same file as --csv": ["--logits", logits, "--csv", csv, "--checkpoint", model, "--save", csv],
+        "scores 4 labels, ": ["--logits", logits, "--csv", csv, "--checkpoint", five_labels, "--save", str(saved)],
+        "the fitted T is at its bound": ["--logits", misaligned, "--csv", csv, "--checkpoint", model, "--save", str(saved)],
     }
     for message, argv in cases.items():
         try:

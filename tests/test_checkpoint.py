@@ -160,7 +160,7 @@ def test_the_checkpoint_command_writes_the_copy_and_refuses_to_overwrite_its_sou
     done = run(tmp_path / "last.pt", tmp_path / "out" / "shipped.pt")
     assert done.returncode == 0 and "wrote" in done.stdout
     assert "optimizer" not in load_checkpoint(tmp_path / "out" / "shipped.pt")
-    for argv, error in [((tmp_path / "last.pt", tmp_path / "last.pt"), "is the source checkpoint"),
+    for argv, error in [((tmp_path / "last.pt", tmp_path / "last.pt"), "is the same file as source"),
                         ((tmp_path / "none.pt", tmp_path / "x.pt"), "checkpoint not found"),
                         ((tmp_path, tmp_path / "x.pt"), "is a folder; name a checkpoint file in it")]:
         refused = run(*argv)

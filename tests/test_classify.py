@@ -237,6 +237,27 @@ def test_its_own_output_is_refused_as_labels(trained, cpen_root, tmp_path, capsy
     assert not (tmp_path / "again.csv").exists()
 
 
+def test_outputs_never_land_on_the_inputs(trained, cpen_root, tmp_path, capsys):
+    ckpt, _ = trained
+    labels = tmp_path / "labels.csv"
+    labels.write_text((cpen_root / "val.csv").read_text())
+    folder = tmp_path / "plain"
+    write_image(str(folder / "a.png"), class_images([1], seed=2)[0])
+    image_bytes, checkpoint_bytes = (folder / "a.png").read_bytes(), open(ckpt, "rb").read()
+    cases = [(["--data-dir", cpen_root, "--csv", labels, "--out", labels], "is the same file as --csv"),
+             (["--data-dir", cpen_root, "--csv", labels, "--out", tmp_path / "p.csv", "--logits", ckpt],
+              "is the same file as --checkpoint"),
+             (["--data-dir", cpen_root, "--csv", labels, "--out", tmp_path / "p.csv", "--metrics-out", tmp_path / "m.png"],
+              "the same file as --metrics-out"),  # the diagram, m.png, would replace the JSON
+             (["--data-dir", folder, "--out", tmp_path / "p.csv", "--explain", folder], "would overwrite the image")]
+    for argv, needle in cases:
+        rc, _, err = run_main(capsys, "--checkpoint", ckpt, *argv)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (needle, err)
+    assert labels.read_text() == (cpen_root / "val.csv").read_text()
+    assert (folder / "a.png").read_bytes() == image_bytes and not (tmp_path / "p.csv").exists()
+    assert open(ckpt, "rb").read() == checkpoint_bytes
+
+
 def test_train_prior(trained, cpen_root, tmp_path, capsys):
     """train.csv has classes 0 and 1 only (6 rows each): with --prior train, class 2 is never
     predicted, and predictions and posteriors follow log p(x|c) + log(count_c / 12) by hand."""

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from config import (DEFAULTS, ArgumentParser, UsageError, first_error, gather_on_main, join_processes, leave_processes,
+from config import (DEFAULTS, ArgumentParser, UsageError, check_distinct, first_error, gather_on_main, join_processes, leave_processes,
                     merge_on_resume, parse_duration, parse_training_args, training_parser, validate_config,
                     validation_seed)
 
@@ -28,6 +28,24 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     assert config["amp"] is True and config["max_time"] == "2h" and config["nr_resnet"] == 1
     assert parse_duration("45m") == 2700 and parse_duration("1h30m") == 5400
     assert parse_duration("90s") == 90 and parse_duration(None) is None
+    assert parse_duration("90") == 90 and parse_duration(90) == 90  # a bare number is seconds
+    for ambiguous in ("1h30", "2m30"):  # minutes or seconds? one line asks for the unit
+        with pytest.raises(UsageError, match="give each number its unit"):
+            parse_duration(ambiguous)
+
+
+def test_outputs_must_not_land_on_inputs_or_on_each_other(tmp_path):
+    data = tmp_path / "labels.csv"
+    data.write_text("a.png,0\n")
+    os.symlink(data, tmp_path / "link.csv")
+    check_distinct([("--out", tmp_path / "p.csv"), ("--logits", tmp_path / "p.npy"), ("--x", None)],
+                   [("--csv", data), ("--checkpoint", None)])
+    cases = {"an input": ([("--out", data)], [("--csv", data)]),
+             "an input through a link": ([("--out", tmp_path / "link.csv")], [("--csv", data)]),
+             "another output, not yet written": ([("--out", tmp_path / "p.csv"), ("--logits", tmp_path / "sub/../p.csv")], [])}
+    for name, (outputs, inputs) in cases.items():
+        with pytest.raises(UsageError, match="is the same file as"):
+            check_distinct(outputs, inputs)
 
 
 def test_shipped_configs_are_valid():

@@ -99,6 +99,14 @@ def test_samples_of_some_classes_only(demo_root, saved_judge, tmp_path, capsys):
     assert result["samples"]["n"] == 12
 
 
+def test_a_single_sample_is_judged_without_a_frechet_distance(demo_root, saved_judge, tmp_path, capsys):
+    samples = write_samples(tmp_path / "samples", 1, seed=3)
+    for k in (1, 2, 3):
+        os.rename(os.path.join(samples, class_name(k)), tmp_path / f"elsewhere{k}")
+    code, result = judge(capsys, "--data-dir", demo_root, "--judge", saved_judge, "--samples", samples)
+    assert code == 0 and result["samples"]["n"] == 1 and "frechet" not in result
+
+
 def test_augment_mirrors_half_the_images_and_shifts_them():
     x = torch.rand(64, 3, 10, 10)
     out = sample_judge.augment(x, torch.Generator().manual_seed(0))
@@ -130,6 +138,7 @@ def bad_cases(demo_root, saved_judge, tmp_path):
         "the layout of sample.py --out-dir": ["--samples", str(empty)],
         f"--save-judge {tmp_path} is a directory": ["--save-judge", str(tmp_path)],
         f"--out {corrupt / 'result.json'}: {corrupt} is a file": ["--out", str(corrupt / "result.json")],
+        "is the same file as --save-judge": ["--save-judge", str(tmp_path / "result.json")],
     }
 
 
