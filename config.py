@@ -185,8 +185,8 @@ KEYS = [replace(key, default=DEMO_MODEL[key.name]) for key in MODEL_KEYS] + [
     Key("best_metric", str, "val_acc", "what best.pt is best at", choices=("val_acc", "val_bpd")),
     Key("max_time", str, None, "wall-clock limit: '45m', '2h', '90s', seconds, or null", nullable=True),
     Key("resume", str, None, "true (<out_dir>/last.pt) or a checkpoint path", nullable=True),
-    Key("overwrite", bool, False, "start afresh even if <out_dir>/last.pt exists (deletes its "
-        "metrics.jsonl, best.pt, splits, grids)"),
+    Key("overwrite", bool, False, "start afresh where an earlier run left its files in <out_dir> (deletes "
+        "its metrics.jsonl, best.pt, splits, grids; replaces last.pt)"),
     Key("progress", bool, True, "progress bars (false: the log lines alone, for a log file); this chunk only"),
     Key("wandb", str, "offline", "WANDB_MODE=disabled also disables",
         choices=("offline", "online", "disabled")),

@@ -31,7 +31,7 @@ from checkpoint import (Progress, atomic_write, check_resumable, load_checkpoint
                         training_state)
 from config import (DEFAULTS, UsageError, check_output, first_line, join_processes, leave_processes,
                     merge_on_resume, native_bf16, parse_duration, parse_training_args, report, resume_path,
-                    run_cli, speed_up_cpu, training_parser, validate_config, validation_seed)
+                    run_cli, same_file, speed_up_cpu, training_parser, validate_config, validation_seed)
 from layers import data_dependent_init
 from model import MODEL_DEFAULTS, build_model
 from sampling import generate
@@ -163,15 +163,41 @@ class Stop(Exception):
     """Ends the run with exit code args[0]."""
 
 
+def previous_run_files(out_dir):
+    """The files an earlier run left in out_dir: last.pt, metrics.jsonl, best.pt, its held-out
+    splits and its sample grids."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = ["last.pt", "metrics.jsonl", "best.pt", os.path.join("splits", "val.csv"), os.path.join("splits", "report.csv")]
+    names += sorted(name for name in os.listdir(out_dir) if name.startswith("samples_epoch") and name.endswith(".png"))
+    return [name for name in names if os.path.isfile(os.path.join(out_dir, name))]
+
+
 def clear_previous_run(out_dir):
-    """Delete what an earlier run left in out_dir (its metrics.jsonl, best.pt, held-out splits and
-    sample grids), so that a fresh run's files describe that run alone: an old splits/report.csv
-    would list images this run trains on. last.pt is replaced at the first save."""
-    stale = ["metrics.jsonl", "best.pt", os.path.join("splits", "val.csv"), os.path.join("splits", "report.csv")]
-    stale += [name for name in os.listdir(out_dir) if name.startswith("samples_epoch") and name.endswith(".png")]
-    for name in stale:
-        if os.path.isfile(os.path.join(out_dir, name)):
+    """Delete what an earlier run left in out_dir, so that a fresh run's files describe that run
+    alone: an old splits/report.csv would list images this run trains on. last.pt is replaced at
+    the first save."""
+    for name in previous_run_files(out_dir):
+        if name != "last.pt":
             os.remove(os.path.join(out_dir, name))
+
+
+def check_out_dir(config, state):
+    """UsageError unless the run may write in its out_dir: a fresh run only where no earlier run
+    left its files (or with --overwrite), a resumed one only beside checkpoints of its own run."""
+    out_dir = config["out_dir"]
+    if state is None:
+        earlier = previous_run_files(out_dir)
+        if earlier and not config["overwrite"]:
+            raise UsageError(f"{out_dir} holds an earlier run's {', '.join(earlier)}: pass --resume to continue "
+                             f"that run, --overwrite to start afresh, or another --out-dir")
+        return
+    for name in ("last.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if (os.path.isfile(path) and not same_file(path, config["resume"])
+                and load_checkpoint(path).get("wandb_id") != state.get("wandb_id")):
+            raise UsageError(f"{path} is another run's than {config['resume']}; resuming there would replace "
+                             f"that run's files: give another --out-dir")
 
 
 def cut_metrics_back(out_dir, step):
@@ -458,6 +484,20 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
 
+    def held_out_digest(self):
+        return {name: dataset.items_digest(items) for name, items in self.held_out.items()}
+
+    def check_same_held_out(self, state):
+        """UsageError unless the images held out now are those the run held out (checkpoints from
+        before the fingerprint are not checked): else it would validate on images it trained on."""
+        stored, now = state.get("held_out_digest") or {}, self.held_out_digest()
+        changed = [name for name in stored if stored[name] != now.get(name)]
+        if changed:
+            raise UsageError(f"the {' and '.join(changed)} images are not those the run held out, so it would "
+                             f"evaluate on images it trained on: keep seed, split_seed, val_fraction, "
+                             f"report_fraction, report_seed and the data as they were (its validation split "
+                             f"used seed {validation_seed(state['config'])}: --split-seed fixes it)")
+
     def save(self, name):
         """Write <out_dir>/<name> on rank 0, with every rank's RNG state."""
         rng, per_rank = rng_state(), None
@@ -466,13 +506,13 @@ class Trainer:
             dist.all_gather_object(per_rank, rng)
         if self.is_main:
             self.progress.elapsed = self.elapsed()
-            digest = {name: dataset.items_digest(items) for name, items in self.held_out.items()}
             state = training_state(self.model, self.ema, self.optimizer, self.scheduler, self.config,
-                                   self.progress, rng, per_rank, self.world_size, digest)
+                                   self.progress, rng, per_rank, self.world_size, self.held_out_digest())
             save_checkpoint(os.path.join(self.config["out_dir"], name), state)
 
     def resume(self, state):
         c, stored = self.config, state["config"]
+        self.check_same_held_out(state)
         p = self.progress = restore_training_state(state, self.model, self.ema, self.optimizer,
                                                    self.scheduler, c["resume"])
         self.elapsed_before = p.elapsed
@@ -518,10 +558,7 @@ def main(argv=None):
     try:
         config, state = resolve_config(sys.argv[1:] if argv is None else argv)
         check_output("--out-dir", config["out_dir"], folder=True)
-        last = os.path.join(config["out_dir"], "last.pt")
-        if state is None and os.path.isfile(last) and not config["overwrite"]:
-            raise UsageError(f"{last} exists: pass --resume to continue that run, --overwrite to start "
-                             f"afresh, or another --out-dir")
+        check_out_dir(config, state)
         trainer = Trainer(config, state)
         code = trainer.run()
     except UsageError as err:  # also DataError and CheckpointError

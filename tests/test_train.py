@@ -153,6 +153,47 @@ def test_checkpoint_contents_and_refusal_to_overwrite(tiny_data, tmp_path, capsy
     assert len(new_ids) == 1 and old_id not in new_ids
 
 
+def test_a_fresh_run_keeps_what_an_earlier_run_left_without_last_pt(tiny_data, tmp_path, capsys):
+    """An earlier run's best.pt and metrics.jsonl are kept even where its last.pt has gone."""
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 0
+    os.remove(out / "last.pt")
+    best, metrics = (out / "best.pt").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert train.main(args(tiny_data, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run's metrics.jsonl, best.pt" in err and len(err.strip().splitlines()) == 1
+    assert (out / "best.pt").read_bytes() == best and (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_resuming_into_another_runs_folder_is_refused(tiny_data, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(args(tiny_data, first, "--epochs", "1")) == 0
+    assert train.main(args(tiny_data, second, "--epochs", "1", "--seed", "1")) == 0
+    kept = {name: (second / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert train.main(["--resume", str(first / "last.pt"), "--out-dir", str(second), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{second / 'last.pt'} is another run's" in err and len(err.strip().splitlines()) == 1
+    assert {name: (second / name).read_bytes() for name in kept} == kept
+    # its own run's best.pt, in its own folder, resumes there
+    assert train.main(["--resume", str(first / "best.pt"), "--out-dir", str(first), "--epochs", "2"]) == 0
+
+
+def test_resuming_with_another_split_is_refused(tiny_data, tmp_path, capsys):
+    """A new --seed reseeds the validation split where split_seed is null: the run would evaluate
+    on images it trained on."""
+    out = tmp_path / "out"
+    assert train.main(args(tiny_data, out, "--epochs", "1", "--val-split", "none", "--val-fraction", "0.25")) == 0
+    last = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "the val images are not those the run held out" in err and "seed 0" in err
+    assert (out / "last.pt").read_bytes() == last
+    assert train.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--seed", "5", "--split-seed", "0"]) == 0
+
+
 def test_best_pt_stores_the_validation_figures_of_its_ema_weights(tiny_data, tmp_path):
     """val_acc, val_bpd and the temperature are those of the EMA weights (what model_from_checkpoint
     loads) on the validation images, recomputed here from the checkpoint alone."""
