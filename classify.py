@@ -463,7 +463,8 @@ def load_experts(checkpoints, device, temperature, say):
         return models, temperature, fitted, runs
     if None in stored:
         say(f"{PROG}: {checkpoints[stored.index(None)]} has no fitted temperature (it predates "
-            f"calibration): posteriors at T = 1, near-certain; pass --temperature T to set one")
+            f"calibration, or its run had no validation split): posteriors at T = 1, near-certain; "
+            f"pass --temperature T to set one")
         return models, 1.0, fitted, runs
     if len(models) > 1:
         say(f"{PROG}: {len(models)} experts; posteriors at the mean of their temperatures, "

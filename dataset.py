@@ -190,6 +190,10 @@ def load_image(path, image_size):
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("I", "F"):  # 32-bit levels: no one scale to 8 bits is right
+                raise DataError(f"{path}: {img.mode} images (32-bit levels) are not read: save it with 8 or 16 bits")
+            if img.mode.startswith("I;16"):  # 16-bit grey: convert() would clip it to white
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
             img = img.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None

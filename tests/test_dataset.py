@@ -105,6 +105,18 @@ def test_grayscale_and_rgba_become_rgb_and_resize(tmp_path):
     assert images[1, :, 0, 0].tolist() == [1, 2, 3]
 
 
+def test_16_bit_grey_keeps_its_levels_and_32_bit_levels_are_refused(tmp_path):
+    levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(levels * 257).save(tmp_path / "g16.png")  # 16-bit grey: level v is 257 v
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    sixteen, eight = ds.load_images([tmp_path / "g16.png", tmp_path / "g8.png"], 16)
+    assert torch.equal(sixteen, eight) and sixteen[0].flatten().tolist() == list(range(256))
+    Image.fromarray(levels.astype(np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ds.DataError, match="32-bit levels"):
+        ds.load_images([tmp_path / "f.tiff"], 16)
+
+
 def test_to_model_input_levels():
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     y = ds.to_model_input(x)
