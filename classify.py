@@ -327,6 +327,10 @@ def held_out_inputs(data_dir, which, runs, checkpoints, num_classes):
             raise UsageError(f"--held-out {which}: {data_dir} now gives other images than the run of {path} "
                              f"held out (its CSVs changed since?); score its splits/{which}.csv with --csv")
     source = f"the {which} split of {checkpoints[0]}'s run"
+    unchecked = [path for path, run in zip(checkpoints, runs) if (run["held_out_digest"] or {}).get(which) is None]
+    if unchecked:  # the shipped checkpoints among them
+        source += (f" (unchecked: {unchecked[0]} predates the fingerprint of the images its run held out; "
+                   f"that run read {configs[checkpoints.index(unchecked[0])]['data_dir']})")
     trained_on = configs[0]["train_on_held_out"]
     if which in trained_on.split("+"):
         source += f", which it also trained on (train_on_held_out {trained_on}): training figures"

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import classify
 import utils
-from checkpoint import save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from dataset import load_images, make_demo_dataset, to_model_input
 from model import build_model
 
@@ -456,6 +456,14 @@ def test_held_out_scores_what_the_training_run_held_out(tmp_path, capsys):
     rc, _, err = run_main(capsys, "--checkpoint", run / "last.pt", "--data-dir", data, "--held-out", "report",
                           "--out", tmp_path / "stale.csv")
     assert rc == 2 and "now gives other images" in err and not (tmp_path / "stale.csv").exists()
+
+    # A checkpoint from before the fingerprint is scored, and says that it could not be checked.
+    state = load_checkpoint(str(run / "last.pt"))
+    save_checkpoint(str(tmp_path / "old.pt"), {**state, "held_out_digest": None})
+    rc, out, _ = run_main(capsys, "--checkpoint", tmp_path / "old.pt", "--data-dir", data, "--held-out", "report",
+                          "--out", tmp_path / "old.csv")
+    assert rc == 0 and f"(unchecked: {tmp_path / 'old.pt'} predates the fingerprint" in out
+    assert f"that run read {data})" in out
 
 
 def test_unconditional_model_cannot_classify(tmp_path, cpen_root, capsys):
