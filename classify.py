@@ -540,10 +540,12 @@ def explain_paths(directory, ids):
     return [os.path.join(directory, relative) for relative in paths]
 
 
-def check_maps_spare_inputs(map_paths, ids, paths):
-    """UsageError if a map would be written over an image being classified (--explain DIR holding them)."""
+def check_map_paths(map_paths, ids, paths):
+    """UsageError now, not after the scoring, where a map cannot be written (a folder in its place,
+    or a file in place of its folder) or would be written over an image being classified."""
     inputs = {os.path.realpath(path): item_id for item_id, path in zip(ids, paths)}
     for path in map_paths:
+        check_output("--explain", path)
         if os.path.realpath(path) in inputs:
             raise UsageError(f"--explain: the map {path} would overwrite the image "
                              f"{inputs[os.path.realpath(path)]!r}; give a folder apart from the images")
@@ -631,7 +633,7 @@ def run(args, rank, world_size, device):
         f"{model.config['image_size']}; device {device}{processes}")
     keep_maps = (args.explain_limit or len(paths)) if explaining else 0
     if args.explain is not None:  # a clash, a climb out of DIR or an image overwritten: before scoring
-        check_maps_spare_inputs(explain_paths(args.explain, ids[:keep_maps]), ids, paths)
+        check_map_paths(explain_paths(args.explain, ids[:keep_maps]), ids, paths)
     start = time.perf_counter()
     scored = score_all(models, paths, num_classes, args, rank, world_size, device, keep_maps)
     elapsed = time.perf_counter() - start

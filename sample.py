@@ -198,7 +198,9 @@ def prepare(args, device):
         raise UsageError(f"--guidance needs a model conditioned on two or more labels; {args.checkpoint} has "
                          f"{model.config['num_classes']}")
     if args.complete is None:
-        return Job(model, classes, args.n_per_class or 25, None, [], 0)
+        job = Job(model, classes, args.n_per_class or 25, None, [], 0)
+        check_planned_outputs(job, args)
+        return job
     size = model.config["image_size"]
     keep_rows = size // 2 if args.keep_rows is None else args.keep_rows
     if not 1 <= keep_rows <= size - 1:
@@ -216,7 +218,31 @@ def prepare(args, device):
     if len(set(stems)) < len(stems):
         raise DataError(f"{args.complete}: two images differ only by their extension, so their grids "
                         f"would share a name")
-    return Job(model, classes, args.n_per_class or 1, given, ids, keep_rows)
+    job = Job(model, classes, args.n_per_class or 1, given, ids, keep_rows)
+    check_planned_outputs(job, args)
+    return job
+
+
+def check_planned_outputs(job, args):
+    """UsageError now, not after the sampling, where a file this run writes cannot be written (a
+    folder in its place, or a file in place of its folder); and for --out-dir inside --complete's
+    folder, whose images the completions would join."""
+    out = args.out_dir
+    if job.given is not None:
+        images = os.path.realpath(args.complete)
+        if os.path.commonpath([images, os.path.realpath(out)]) == images:
+            raise UsageError(f"--out-dir {out} is inside --complete {args.complete}: its completions would "
+                             f"join the images; give a folder outside it")
+        files = [os.path.join(out, "completions", os.path.splitext(item_id)[0] + ".png") for item_id in job.ids]
+        files.append(os.path.join(out, "grid_completions.png"))
+    else:
+        names = [label_name(k) for k in job.classes]
+        files = [os.path.join(out, f"grid_{name}.png") for name in names]
+        files += [os.path.join(out, name, f"{index:04d}.png") for name in names for index in range(job.n_per_class)]
+    if args.fid_ref is not None:
+        files.append(os.path.join(out, "fid.json"))
+    for path in files:
+        check_output("--out-dir", path)
 
 
 def check_args(args):

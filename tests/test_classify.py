@@ -249,7 +249,10 @@ def test_outputs_never_land_on_the_inputs(trained, cpen_root, tmp_path, capsys):
               "is the same file as --checkpoint"),
              (["--data-dir", cpen_root, "--csv", labels, "--out", tmp_path / "p.csv", "--metrics-out", tmp_path / "m.png"],
               "the same file as --metrics-out"),  # the diagram, m.png, would replace the JSON
-             (["--data-dir", folder, "--out", tmp_path / "p.csv", "--explain", folder], "would overwrite the image")]
+             (["--data-dir", folder, "--out", tmp_path / "p.csv", "--explain", folder], "would overwrite the image"),
+             (["--data-dir", folder, "--out", tmp_path / "p.csv", "--explain", tmp_path / "maps"],
+              "maps/a.png is a directory")]  # stopped before scoring, not after
+    (tmp_path / "maps" / "a.png").mkdir(parents=True)
     for argv, needle in cases:
         rc, _, err = run_main(capsys, "--checkpoint", ckpt, *argv)
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (needle, err)

@@ -127,6 +127,15 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
     a_file.write_text("not a folder\n")
     rc, _, err = run_main(capsys, "--checkpoint", path, "--out-dir", a_file / "out", extractor=StandIn())
     assert rc == 2 and err.count("\n") == 1 and "is a file, not a folder" in err
+    # Where a file of the run is blocked (a file in place of a class folder, a folder in place of
+    # a grid), it stops before sampling, not with a traceback after it.
+    for blocker, needle in (("Class1", "Class1 is a file, not a folder"), ("grid_Class0.png/", "is a directory")):
+        out = tmp_path / f"blocked-{len(needle)}"
+        (out / blocker).parent.mkdir(parents=True, exist_ok=True)
+        (out / blocker).mkdir() if blocker.endswith("/") else (out / blocker).write_text("mine\n")
+        rc, stdout, err = run_main(capsys, "--checkpoint", path, "--out-dir", out, "--n-per-class", 1)
+        assert rc == 2 and err.count("\n") == 1 and needle in err, err
+        assert sorted(os.listdir(out)) == [blocker.rstrip("/")]
 
 
 def test_cli_guidance_draws_the_guided_images_and_needs_labels(ckpt, tmp_path, capsys):
@@ -222,6 +231,9 @@ def test_complete_bad_inputs(ckpt, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
         assert not out.exists(), "nothing sampled before the inputs are checked"
+    rc, _, err = run_main(capsys, "--checkpoint", path, "--complete", tmp_path / "good",
+                          "--out-dir", tmp_path / "good" / "done")  # the completions would join the images
+    assert rc == 2 and "is inside --complete" in err and sorted(os.listdir(tmp_path / "good")) == ["a.png"]
 
 
 # ---------------------------------------------------------------------------------------------
