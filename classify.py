@@ -465,6 +465,10 @@ def load_experts(checkpoints, device, temperature, say):
         runs.append({"config": state.get("config", {}), "held_out_digest": state.get("held_out_digest")})
     if temperature is not None:
         return models, temperature, fitted, runs
+    for path, value in zip(checkpoints, stored):
+        if value is not None and not 0 < value < math.inf:  # NaN fails too
+            raise UsageError(f"{path}: its stored temperature, {value}, is not a positive number; "
+                             f"pass --temperature T to set one")
     if None in stored:
         say(f"{PROG}: {checkpoints[stored.index(None)]} has no fitted temperature (it predates "
             f"calibration, or its run had no validation split): posteriors at T = 1, near-certain; "

@@ -309,7 +309,22 @@ def split_items(root, train_split, val_split, val_fraction, seed, num_classes=No
     else:
         (train_items, val_items), val_csv = split_train_val(items, val_fraction, seed), train_csv
     train_items, report_items = split_train_val(train_items, report_fraction, report_seed)
+    check_held_out_apart(root, train_csv, train_items, {"validation": (val_csv, val_items), "report": (train_csv, report_items)})
     return train_items, val_items, report_items, val_csv
+
+
+def check_held_out_apart(root, train_csv, train_items, held_out):
+    """DataError where a held-out image is also a training image (a CSV that lists an image twice,
+    or a val.csv that repeats train.csv's): the run would evaluate on images it trains on.
+    held_out: {name: (its CSV, its items)}."""
+    def files(csv_path, items):
+        return {os.path.normpath(image_path(root, csv_path, item_id)) for item_id, _ in items}
+    trained = files(train_csv, train_items)
+    for name, (csv_path, items) in held_out.items():
+        shared = trained & files(csv_path, items)
+        if shared:
+            raise DataError(f"{csv_path}: {len(shared)} {name} images are training images too (such as "
+                            f"{min(shared)}), so the run would evaluate on images it trains on: list each image once")
 
 
 def load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,

@@ -610,6 +610,17 @@ def test_a_checkpoint_without_a_temperature_still_works_and_says_so(trained, cpe
     assert not (tmp_path / "q.csv").exists()
 
 
+def test_a_stored_temperature_that_is_not_a_positive_number_is_refused(trained, cpen_root, tmp_path, capsys):
+    state = load_checkpoint(str(trained[0]))
+    for bad in (float("nan"), -5.0, 0.0):
+        save_checkpoint(str(tmp_path / "bad.pt"), {**state, "temperature": bad})
+        rc, _, err = run_main(capsys, "--checkpoint", tmp_path / "bad.pt", "--data-dir", cpen_root,
+                              "--out", tmp_path / "p.csv")
+        assert rc == 2 and f"its stored temperature, {bad}, is not a positive number" in err, (bad, err)
+        assert run_main(capsys, "--checkpoint", tmp_path / "bad.pt", "--data-dir", cpen_root,
+                        "--out", tmp_path / "p.csv", "--temperature", "2")[0] == 0  # overridden: fine
+
+
 def test_fitted_prior_moves_predictions_by_the_stored_prior_and_temperature(trained, cpen_root, tmp_path, capsys):
     """--prior fitted: predictions and posteriors follow softmax(log p(x|c) / T' + log p(c)) with the
     checkpoint's fitted prior and its own T' (here one that rules class 0 out), and

@@ -66,6 +66,20 @@ def test_a_predictions_csv_is_refused_as_labels(tmp_path):
         ds.read_split_csv(str(tmp_path), csv_path)
 
 
+def test_a_held_out_image_that_is_also_a_training_image_is_refused(tmp_path):
+    root = str(tmp_path)
+    rows = [("train/a.png", 0), ("train/b.png", 1), ("train/c.png", 1)]
+    make_layout(root, rows, "train/a.png,0\ntrain/b.png,1\ntrain/c.png,1\n")
+    assert [len(part) for part in ds.split_items(root, "train", "val", 0.0, seed=0)[:3]] == [3, 0, 0]
+    make_layout(root, [], "train/b.png,1\n", split="val")  # val.csv repeats a training image
+    with pytest.raises(ds.DataError, match="1 validation images are training images too"):
+        ds.split_items(root, "train", "val", 0.0, seed=0)
+    os.remove(os.path.join(root, "val.csv"))
+    make_layout(root, [], "train/a.png,0\ntrain/a.png,0\ntrain/b.png,1\ntrain/c.png,1\n")  # a.png twice
+    with pytest.raises(ds.DataError, match="validation images are training images too"):
+        ds.split_items(root, "train", "val", 0.5, seed=0)  # one a.png to each side
+
+
 def test_bare_names_resolve_under_split_dir(tmp_path):
     root = str(tmp_path)
     for name in ("a.png", "b.png"):
