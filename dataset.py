@@ -191,7 +191,8 @@ def load_image(path, image_size):
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I", "F"):  # 32-bit levels: no one scale to 8 bits is right
-                raise DataError(f"{path}: {img.mode} images (32-bit levels) are not read: save it with 8 or 16 bits")
+                raise DataError(f"{path}: {img.mode} images (32-bit levels) are not read: save it with 8 or "
+                                f"16 bits")
             if img.mode.startswith("I;16"):  # 16-bit grey: convert() would clip it to white
                 img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
             img = img.convert("RGB")
@@ -309,7 +310,8 @@ def split_items(root, train_split, val_split, val_fraction, seed, num_classes=No
     else:
         (train_items, val_items), val_csv = split_train_val(items, val_fraction, seed), train_csv
     train_items, report_items = split_train_val(train_items, report_fraction, report_seed)
-    check_held_out_apart(root, train_csv, train_items, {"validation": (val_csv, val_items), "report": (train_csv, report_items)})
+    check_held_out_apart(root, train_csv, train_items,
+                         {"validation": (val_csv, val_items), "report": (train_csv, report_items)})
     return train_items, val_items, report_items, val_csv
 
 
@@ -324,7 +326,8 @@ def check_held_out_apart(root, train_csv, train_items, held_out):
         shared = trained & files(csv_path, items)
         if shared:
             raise DataError(f"{csv_path}: {len(shared)} {name} images are training images too (such as "
-                            f"{min(shared)}), so the run would evaluate on images it trains on: list each image once")
+                            f"{min(shared)}), so the run would evaluate on images it trains on: list each "
+                            f"image once")
 
 
 def load_train_val(root, train_split, val_split, val_fraction, seed, image_size, num_classes=None,

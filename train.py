@@ -168,8 +168,10 @@ def previous_run_files(out_dir):
     splits and its sample grids."""
     if not os.path.isdir(out_dir):
         return []
-    names = ["last.pt", "metrics.jsonl", "best.pt", os.path.join("splits", "val.csv"), os.path.join("splits", "report.csv")]
-    names += sorted(name for name in os.listdir(out_dir) if name.startswith("samples_epoch") and name.endswith(".png"))
+    names = ["last.pt", "metrics.jsonl", "best.pt", os.path.join("splits", "val.csv"),
+             os.path.join("splits", "report.csv")]
+    names += sorted(name for name in os.listdir(out_dir)
+                    if name.startswith("samples_epoch") and name.endswith(".png"))
     return [name for name in names if os.path.isfile(os.path.join(out_dir, name))]
 
 
