@@ -31,9 +31,11 @@ class CheckpointError(UsageError):
 def atomic_write(path, write):
     """Call write(binary file) on a temp file beside `path`, then os.replace it into place.
 
-    A crash or kill at any moment leaves either the old file or the new one, never a torn one.
+    A crash or kill at any moment leaves either the old file or the new one, never a torn one. A
+    link is written through, to the file it names.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
     try:

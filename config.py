@@ -56,6 +56,8 @@ def check_output(option, path, folder=False):
         raise UsageError(f"{option} {path} exists and is not a folder")
     if not folder and os.path.isdir(path):
         raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not folder and os.path.isfile(path) and not os.stat(path).st_mode & 0o222:
+        raise UsageError(f"{option} {path} is read-only; make it writable or give another path")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -170,11 +170,16 @@ def _labelled_rows(csv_path, num_classes, allow_unknown):
 
 
 def list_image_folder(folder):
-    """Every image under `folder` (recursively), sorted, as (id relative to folder, -1)."""
+    """Every image under `folder` (recursively, into linked folders too), sorted, as (id relative
+    to folder, -1)."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder}")
-    ids = []
-    for directory, subdirs, files in os.walk(folder):
+    ids, seen = [], set()
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(directory) in seen:  # a link back up, or a second way to one folder
+            subdirs.clear()
+            continue
+        seen.add(os.path.realpath(directory))
         subdirs.sort()
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS):

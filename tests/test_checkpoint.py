@@ -68,6 +68,16 @@ class Payload:
         return (print, ("this must never run",))
 
 
+def test_a_write_through_a_link_replaces_the_file_it_names_and_keeps_the_link(tmp_path):
+    (tmp_path / "kept").mkdir()
+    target, link = tmp_path / "kept" / "p.csv", tmp_path / "p.csv"
+    target.write_text("old\n")
+    os.symlink(target, link)
+    atomic_write(str(link), lambda f: f.write(b"new\n"))
+    assert os.path.islink(link) and target.read_text() == "new\n"
+    assert os.listdir(tmp_path / "kept") == ["p.csv"]  # no temp file left beside it
+
+
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": TINY, "payload": Payload()}, path)

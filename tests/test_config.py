@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from config import (DEFAULTS, ArgumentParser, UsageError, check_distinct, first_error, gather_on_main, join_processes,
+from config import (DEFAULTS, ArgumentParser, UsageError, check_distinct, check_output, first_error, gather_on_main, join_processes,
                     leave_processes, merge_on_resume, parse_duration, parse_training_args, training_parser,
                     validate_config, validation_seed)
 
@@ -32,6 +32,15 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     for ambiguous in ("1h30", "2m30"):  # minutes or seconds? one line asks for the unit
         with pytest.raises(UsageError, match="give each number its unit"):
             parse_duration(ambiguous)
+
+
+def test_a_read_only_output_is_refused_before_the_work(tmp_path):
+    mine = tmp_path / "mine.csv"
+    mine.write_text("kept\n")
+    check_output("--out", mine)  # writable: to be replaced
+    mine.chmod(0o444)
+    with pytest.raises(UsageError, match="is read-only"):
+        check_output("--out", mine)
 
 
 def test_outputs_must_not_land_on_inputs_or_on_each_other(tmp_path):

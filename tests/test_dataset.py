@@ -107,6 +107,15 @@ def test_plain_folder_recursive_sorted(tmp_path):
     assert os.path.isfile(ds.image_path(root, None, "sub/a.jpg"))
 
 
+def test_a_linked_folder_is_read_and_a_link_back_up_ends(tmp_path):
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    write_png(str(root / "a.png"))
+    write_png(str(elsewhere / "b.png"))
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root, root / "linked_up")  # a loop: it must not be walked forever
+    assert ds.list_image_folder(str(root)) == [("a.png", -1), ("linked/b.png", -1)]
+
+
 def test_grayscale_and_rgba_become_rgb_and_resize(tmp_path):
     gray = str(tmp_path / "g.png")
     write_png(gray, color=(200, 0, 0), size=16, mode="L")
