@@ -632,6 +632,9 @@ def run(args, rank, world_size, device):
     log_prior, temperature = choose_prior(args, num_classes, fitted, temperature, say)
 
     ids, labels = [i for i, _ in items], np.array([l for _, l in items], dtype=np.int64)
+    repeated = len(ids) - len(set(ids))
+    if repeated:
+        source += f" ({repeated} of them repeat an image listed before: each is scored and counted)"
     processes = f"; {world_size} processes" if world_size > 1 else ""
     say(f"{PROG}: {len(items)} images from {source}; {num_classes} classes; image size "
         f"{model.config['image_size']}; device {device}{processes}")

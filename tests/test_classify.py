@@ -226,6 +226,19 @@ def test_csv_subset_keeps_its_order(trained, cpen_root, tmp_path, capsys):
     assert "accuracy" in stdout
 
 
+def test_a_repeated_image_is_scored_once_a_row_and_said_so(trained, cpen_root, tmp_path, capsys):
+    ckpt, _ = trained
+    first = csv_ids(cpen_root / "val.csv")[0]
+    twice = tmp_path / "twice.csv"
+    twice.write_text(f"{first},0\n{first},0\n")
+    rc, stdout, err = run_main(capsys, "--checkpoint", ckpt, "--data-dir", cpen_root, "--csv", twice,
+                               "--out", tmp_path / "p.csv")
+    assert rc == 0, err
+    assert "2 images from" in stdout
+    assert "(1 of them repeat an image listed before: each is scored and counted)" in stdout
+    assert [row[0] for row in read_csv(tmp_path / "p.csv")[1]] == [first, first]
+
+
 def test_its_own_output_is_refused_as_labels(trained, cpen_root, tmp_path, capsys):
     """A predictions CSV holds predicted labels: as --csv, the metrics would score it against itself."""
     ckpt, _ = trained
