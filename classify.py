@@ -425,14 +425,13 @@ def check_options(args):
         raise UsageError(f"{' and '.join(chosen)} both choose the images; give one")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for option, path in (("--out", args.out), ("--logits", args.logits),
-                         ("--metrics-out", args.metrics_out), ("--explain-out", args.explain_out)):
+    diagram = os.path.splitext(args.metrics_out)[0] + ".png" if args.metrics_out is not None else None
+    outputs = [("--out", args.out), ("--logits", args.logits), ("--metrics-out", args.metrics_out),
+               ("--metrics-out's diagram", diagram), ("--explain-out", args.explain_out)]
+    for option, path in outputs:
         if path is not None:
             check_output(option, path)
-    diagram = os.path.splitext(args.metrics_out)[0] + ".png" if args.metrics_out is not None else None
-    check_distinct([("--out", args.out), ("--logits", args.logits), ("--metrics-out", args.metrics_out),
-                    ("--metrics-out's diagram", diagram), ("--explain-out", args.explain_out)],
-                   [("--csv", args.csv)] + [("--checkpoint", path) for path in args.checkpoint])
+    check_distinct(outputs, [("--csv", args.csv)] + [("--checkpoint", path) for path in args.checkpoint])
     if args.explain is not None:
         check_output("--explain", args.explain, folder=True)
     if args.explain_limit is not None:
@@ -550,9 +549,10 @@ def check_map_paths(map_paths, ids, paths):
     inputs = {os.path.realpath(path): item_id for item_id, path in zip(ids, paths)}
     for path in map_paths:
         check_output("--explain", path)
-        if os.path.realpath(path) in inputs:
-            raise UsageError(f"--explain: the map {path} would overwrite the image "
-                             f"{inputs[os.path.realpath(path)]!r}; give a folder apart from the images")
+        overwritten = inputs.get(os.path.realpath(path))
+        if overwritten is not None:
+            raise UsageError(f"--explain: the map {path} would overwrite the image {overwritten!r}; "
+                             f"give a folder apart from the images")
 
 
 def write_explanations(args, ids, paths, image_size, maps, ranking, posteriors):

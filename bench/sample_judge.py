@@ -114,10 +114,11 @@ def check_args(args):
         raise UsageError(f"--judge: file not found: {args.judge}")
     if args.samples and not os.path.isdir(args.samples):
         raise UsageError(f"--samples: folder not found: {args.samples}")
-    for option, path in (("--save-judge", args.save_judge), ("--out", args.out)):
+    outputs = [("--save-judge", args.save_judge), ("--out", args.out)]
+    for option, path in outputs:
         if path:
             check_output(option, path)  # now, not after minutes of training
-    check_distinct([("--save-judge", args.save_judge), ("--out", args.out)], [("--judge", args.judge)])
+    check_distinct(outputs, [("--judge", args.judge)])
 
 
 def read_cpen455(root, progress=True):
