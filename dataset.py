@@ -23,6 +23,9 @@ image_path(root, csv_path, item_id) -> str  the file of a CSV item (csv_path Non
 item_paths(root, csv_path, items) -> list[str]
 list_image_folder(folder) -> list[(id, -1)]  every image under folder, recursively, sorted; ids
     relative to folder with "/" separators. Its files: image_path(folder, None, id).
+SAMPLES_RECORD, sample_file_name(index)  "samples.json", "0007.png": what sample.py writes
+read_class_folders(root, num_classes) -> ([(k, [paths])], sample.py's record or None)  the images
+    of root's ClassK/ subfolders; where sample.py's record is, only the images of its last run.
 load_images(paths, image_size, progress=None) -> uint8 [N, 3, S, S]  RGB, resized (antialiased
     bilinear); DataError naming the file for a corrupt or non-image file.
 to_model_input(uint8 [..., 3, H, W]) -> float32 in [-1, 1] (x / 127.5 - 1, the 256 levels)
@@ -62,6 +65,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEMO_CLASSES = ("disc", "stripes", "checker", "gradient_square")
 DEMO_MARKER = ".demo-params.json"
 PROGRESS_THRESHOLD = 500  # show a progress bar when loading at least this many images
+SAMPLES_RECORD = "samples.json"  # sample.py's record of its last run in a folder: classes, count, seed
 
 
 class DataError(UsageError):
@@ -188,6 +192,49 @@ def list_image_folder(folder):
     if not ids:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return [(item_id, -1) for item_id in sorted(ids)]
+
+
+def sample_file_name(index):
+    """The name of sample.py's image `index` of a class, in its ClassK/ folder."""
+    return f"{index:04d}.png"
+
+
+def read_class_folders(root, num_classes):
+    """([(k, [file paths])] of root's ClassK/ subfolders in class order (empty: none), sample.py's
+    record or None). Where sample.py left its record (root/samples.json), only the images of that
+    run: its classes, and its first n_per_class files of each, not those an earlier, larger run
+    left beside them. Elsewhere every image in every ClassK/ folder."""
+    record_path = os.path.join(root, SAMPLES_RECORD)
+    if not os.path.isfile(record_path):
+        folders = [(k, os.path.join(root, class_name(k))) for k in range(num_classes)]
+        return [(k, item_paths(f, None, list_image_folder(f))) for k, f in folders if os.path.isdir(f)], None
+    record = read_samples_record(record_path)
+    drawn = sorted(k for k in record["classes"] if k is not None)  # None: an unconditional model's
+    if any(not isinstance(k, int) or not 0 <= k < num_classes for k in drawn):
+        raise DataError(f"{record_path}: its classes {record['classes']} are not all among the "
+                        f"{num_classes} of {class_name(0)}..{class_name(num_classes - 1)}")
+    n, found = record["n_per_class"], []
+    for k in drawn:
+        paths = [os.path.join(root, class_name(k), sample_file_name(i)) for i in range(n)]
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise DataError(f"{missing[0]}: missing ({len(missing)} of the {n} images of {class_name(k)} that "
+                            f"{record_path} lists); was the sample.py run stopped?")
+        found.append((k, paths))
+    return found, record
+
+
+def read_samples_record(path):
+    """sample.py's record (samples.json): at least {"classes": [k or None, ...], "n_per_class": n}."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        valid = isinstance(record["classes"], list) and type(record["n_per_class"]) is int
+    except (OSError, ValueError, KeyError, TypeError):
+        valid = False
+    if not valid or record["n_per_class"] < 1:
+        raise DataError(f"{path}: not a record written by sample.py (it needs \"classes\" and \"n_per_class\")")
+    return record
 
 
 def load_image(path, image_size):

@@ -4,10 +4,11 @@ Features come from pytorch-fid's Inception network with the FID weights (incepti
 from any extractor passed in instead (the tests pass a tiny network): a module that maps float
 images in [0, 1], [B, 3, H, W], to features [B, D]. The distance is pytorch-fid's.
 
-A reference set is a folder of ClassK/ subfolders (per class and pooled), a CPEN455-layout root
-with <split>.csv (per class from its labels), or a plain folder of images (pooled only); its
-images are resized to the model's image size, as for training. With no more images in a set
-than feature dimensions, the covariance is singular and FID biased upward: compute_fid warns.
+A reference set is a folder of ClassK/ subfolders (per class and pooled; in another sample.py
+output, only the images its samples.json lists), a CPEN455-layout root with <split>.csv (per
+class from its labels), or a plain folder of images (pooled only); its images are resized to the
+model's image size, as for training. With no more images in a set than feature dimensions, the
+covariance is singular and FID biased upward: compute_fid warns.
 """
 import os
 import socket
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from config import UsageError
 from dataset import (DataError, class_name, item_paths, list_image_folder, load_images,
-                     read_split_csv, split_csv_path)
+                     read_class_folders, read_split_csv, split_csv_path)
 
 # pytorch-fid's four feature blocks (pytorch_fid.inception.InceptionV3): the layers of
 # torchvision's Inception3 in each, by the number of channels of the block's output.
@@ -145,15 +146,12 @@ def reference_set(ref_dir, split, num_classes, image_size, classes=None):
     With known labels, only the rows of `classes` (class indices; None = all) are kept."""
     if not os.path.isdir(ref_dir):
         raise DataError(f"--fid-ref folder not found: {ref_dir}")
-    names = [class_name(k) for k in range(num_classes)]
-    class_dirs = [(k, os.path.join(ref_dir, n)) for k, n in enumerate(names)
-                  if os.path.isdir(os.path.join(ref_dir, n))]
+    class_folders, _ = read_class_folders(ref_dir, num_classes)
     paths, labels = [], []
-    if class_dirs:
-        for k, folder in class_dirs:
-            items = list_image_folder(folder)
-            paths += item_paths(folder, None, items)
-            labels += [k] * len(items)
+    if class_folders:
+        for k, files in class_folders:
+            paths += files
+            labels += [k] * len(files)
     elif os.path.isfile(split_csv_path(ref_dir, split)):
         csv_path = split_csv_path(ref_dir, split)
         items = read_split_csv(ref_dir, csv_path, num_classes=num_classes or None)

@@ -7,8 +7,10 @@
     python sample.py --checkpoint C --out-dir completions/ --complete DIR [--keep-rows R] ...
     torchrun --nproc_per_node=N sample.py ...
 
-Writes <out-dir>/grid_ClassK.png (one grid per class) and <out-dir>/ClassK/0000.png, ... (single
-8-bit PNGs), with the checkpoint's EMA weights. The same --seed (and --batch-size) gives the same
+Writes <out-dir>/grid_ClassK.png (one grid per class), <out-dir>/ClassK/0000.png, ... (single
+8-bit PNGs), with the checkpoint's EMA weights, and <out-dir>/samples.json, the record of the run
+(checkpoint, classes, images per class, seed, batch size, sampler, guidance): a folder's readers
+(bench/sample_judge.py, --fid-ref) take only the images it lists, not older ones a larger run left. The same --seed (and --batch-size) gives the same
 images: the images of class K, batch b come from a generator seeded with a number derived from
 (--seed, K, b) alone, so they do not depend on which other classes are drawn.
 
@@ -57,7 +59,8 @@ import fid
 from checkpoint import atomic_write, load_model
 from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error, gather_on_main,
                     join_processes, leave_processes, report, run_cli, speed_up_cpu)
-from dataset import DataError, class_name, image_path, list_image_folder, load_images
+from dataset import (SAMPLES_RECORD, DataError, class_name, image_path, list_image_folder, load_images,
+                     sample_file_name)
 from sampling import derive_seed, generate
 
 PROG = "sample.py"
@@ -176,7 +179,7 @@ def run(args, extractor=None):
     elapsed = time.perf_counter() - start
     total = sum(len(x) for x in per_class.values())
     if job.given is None:
-        save_samples(per_class, args.out_dir)
+        save_samples(args, job, per_class)
     else:
         save_completions(job, per_class, args.out_dir)
     print(f"{PROG}: {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} images/s)")
@@ -238,7 +241,8 @@ def check_planned_outputs(job, args):
     else:
         names = [label_name(k) for k in job.classes]
         files = [os.path.join(out, f"grid_{name}.png") for name in names]
-        files += [os.path.join(out, name, f"{index:04d}.png") for name in names for index in range(job.n_per_class)]
+        files += [os.path.join(out, name, sample_file_name(i)) for name in names for i in range(job.n_per_class)]
+        files.append(os.path.join(out, SAMPLES_RECORD))
     if args.fid_ref is not None:
         files.append(os.path.join(out, "fid.json"))
     for path in files:
@@ -303,13 +307,24 @@ def draw_batch(job, batch, args, progress):
         bar.close()
 
 
-def save_samples(per_class, out_dir):
-    """Each class's grid and single PNGs (save_images), said class by class."""
+def save_samples(args, job, per_class):
+    """Each class's grid and single PNGs (save_images), said class by class, then the run's record.
+    An earlier run's record goes first: a run stopped halfway leaves none, not one that lists
+    images of two runs."""
+    record_path = os.path.join(args.out_dir, SAMPLES_RECORD)
+    if os.path.isfile(record_path):
+        os.remove(record_path)
     for k, images in per_class.items():
         name = label_name(k)
-        grid_path, folder, stale = save_images(images, out_dir, name)
-        note = f" (the folder also holds {stale} PNGs from an earlier, larger run)" if stale else ""
+        grid_path, folder, stale = save_images(images, args.out_dir, name)
+        note = (f" (the folder also holds {stale} PNGs from an earlier, larger run, which {SAMPLES_RECORD} "
+                f"leaves out)") if stale else ""
         print(f"{name}: wrote {grid_path} and {len(images)} images in {folder}{note}")
+    record = {"checkpoint": args.checkpoint, "classes": job.classes, "n_per_class": job.n_per_class,
+              "seed": args.seed, "batch_size": args.batch_size, "sampler": args.sampler,
+              "guidance": args.guidance}
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(record_path, lambda f: f.write(text.encode()))
 
 
 def save_completions(job, per_class, out_dir):
@@ -374,7 +389,7 @@ def save_images(images, out_dir, name):
     os.makedirs(folder, exist_ok=True)
     images = images.cpu()
     for index, image in enumerate(images):  # 8-bit RGB PNGs (torchvision.io's PNG writer is deprecated)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{index:04d}.png"))
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, sample_file_name(index)))
     nrow = max(1, math.ceil(math.sqrt(len(images))))
     grid_path = os.path.join(out_dir, f"grid_{name}.png")
     torchvision.utils.save_image(images.float() / 255.0, grid_path, nrow=nrow, padding=2)

@@ -10,7 +10,7 @@ decay, random mirroring and shifts) on CPEN455's labelled training images at 32x
 project's validation split (10% of train.csv, stratified, seed 0, as train.py carves it), which
 it never sees. It prints its accuracy on that split, overall and per class, then the share of
 each <samples>/ClassK/ folder (sample.py's layout) that it labels as class K, and the overall
-share, beside it; then the Frechet distance from the samples to the validation images in the
+share, beside it (where sample.py's samples.json is, only the images of the run it records); then the Frechet distance from the samples to the validation images in the
 judge's pooled features, beside that of as many random training images (the floor). --judge PATH
 reuses a judge saved with --save-judge (a plain state_dict) and trains nothing. The same --seed
 and --threads give the same judge on a CPU.
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402  (the repository root is on the path only now)
 from checkpoint import atomic_write  # noqa: E402
 from config import ArgumentParser, UsageError, check_distinct, check_output, first_line, report, speed_up_cpu  # noqa: E402
-from dataset import (class_name, image_path, item_paths, list_image_folder, load_images,  # noqa: E402
+from dataset import (SAMPLES_RECORD, class_name, item_paths, load_images, read_class_folders,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
 
 PROG = "sample_judge.py"
@@ -92,10 +92,12 @@ def run(args):
               "seed": args.seed, "parameters": sum(p.numel() for p in judge.parameters()),
               "validation": judge_set(judge, val_images, val_labels)}
     if samples is not None:
-        result["samples_dir"] = args.samples
-        result["samples"] = judge_set(judge, *samples)
-        if len(samples[1]) >= 2:  # a Frechet distance needs two images to have a covariance
-            result["frechet"] = frechet_to_validation(judge, samples[0], train_images, val_images, args.seed)
+        images, labels, record = samples
+        print(describe_samples(args.samples, labels, record))
+        result["samples_dir"], result["sampled_by"] = args.samples, record
+        result["samples"] = judge_set(judge, images, labels)
+        if len(labels) >= 2:  # a Frechet distance needs two images to have a covariance
+            result["frechet"] = frechet_to_validation(judge, images, train_images, val_images, args.seed)
     print_table(result)
     if args.out:
         text = json.dumps(result, indent=2) + "\n"
@@ -132,19 +134,27 @@ def read_cpen455(root, progress=True):
 
 
 def read_samples(folder):
-    """sample.py's <folder>/ClassK/*.png -> (uint8 images [N, 3, 32, 32], labels [N]). Every
-    ClassK/ folder that exists is judged (sample.py --classes draws a subset); an empty one is an error."""
-    classes = [k for k in range(NUM_CLASSES) if os.path.isdir(os.path.join(folder, class_name(k)))]
-    if not classes:
+    """sample.py's <folder>/ClassK/*.png -> (uint8 images [N, 3, 32, 32], labels [N], sample.py's
+    record or None). The images its samples.json lists; without one, every image of every ClassK/
+    folder that exists (sample.py --classes draws a subset); an empty one is an error."""
+    class_folders, record = read_class_folders(folder, NUM_CLASSES)
+    if not class_folders:
         raise UsageError(f"--samples {folder}: no {class_name(0)}/ .. {class_name(NUM_CLASSES - 1)}/ "
                          f"folders (the layout of sample.py --out-dir)")
-    images, labels = [], []
-    for k in classes:
-        class_folder = os.path.join(folder, class_name(k))
-        paths = [image_path(class_folder, None, item_id) for item_id, _ in list_image_folder(class_folder)]
-        images.append(load_images(paths, IMAGE_SIZE))
-        labels += [k] * len(paths)
-    return torch.cat(images), torch.tensor(labels)
+    images = torch.cat([load_images(paths, IMAGE_SIZE) for _, paths in class_folders])
+    labels = torch.tensor([k for k, paths in class_folders for _ in paths])
+    return images, labels, record
+
+
+def describe_samples(folder, labels, record):
+    """One line: which images are judged, and by whose record."""
+    if record is None:
+        return (f"{PROG}: {len(labels)} samples, every image of the ClassK/ folders of {folder} "
+                f"(no {SAMPLES_RECORD}: not written by sample.py, or by one stopped halfway)")
+    guided = f", guidance {record['guidance']:g}" if record.get("guidance") else ""
+    return (f"{PROG}: {len(labels)} samples, the {record['n_per_class']} per class that "
+            f"{os.path.join(folder, SAMPLES_RECORD)} lists (checkpoint {record.get('checkpoint')}, "
+            f"seed {record.get('seed')}{guided})")
 
 
 # --------------------------------------------------------------------------------------------

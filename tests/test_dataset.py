@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import sys
 
@@ -114,6 +115,41 @@ def test_a_linked_folder_is_read_and_a_link_back_up_ends(tmp_path):
     os.symlink(elsewhere, root / "linked")
     os.symlink(root, root / "linked_up")  # a loop: it must not be walked forever
     assert ds.list_image_folder(str(root)) == [("a.png", -1), ("linked/b.png", -1)]
+
+
+def write_sample_folders(root, n_per_class, classes=(0, 1, 2)):
+    """sample.py's layout without its record: root/ClassK/0000.png, ..."""
+    for k in classes:
+        for i in range(n_per_class):
+            write_png(os.path.join(root, ds.class_name(k), ds.sample_file_name(i)), color=(k, i, 0))
+
+
+def test_class_folders_are_read_whole_or_as_sample_py_recorded_them(tmp_path):
+    root = str(tmp_path)
+    write_sample_folders(root, 3)  # an earlier run: three classes, three images each
+    folders, record = ds.read_class_folders(root, 3)
+    assert record is None and [(k, len(paths)) for k, paths in folders] == [(0, 3), (1, 3), (2, 3)]
+    # a later run drew two images of classes 2 and 0 into the same folder, and recorded them
+    with open(os.path.join(root, ds.SAMPLES_RECORD), "w") as f:
+        json.dump({"classes": [2, 0], "n_per_class": 2, "seed": 5}, f)
+    folders, record = ds.read_class_folders(root, 3)
+    assert record["seed"] == 5
+    assert folders == [(k, [os.path.join(root, ds.class_name(k), name) for name in ("0000.png", "0001.png")])
+                       for k in (0, 2)]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"classes": [0], "n_per_class": 4}, r"Class0.0002\.png: missing \(2 of the 4"),
+    ({"classes": [0, 3], "n_per_class": 1}, r"its classes \[0, 3\] are not all among the 3"),
+    ({"classes": [0]}, "not a record written by sample.py"),
+    ({"classes": [0], "n_per_class": 0}, "not a record written by sample.py"),
+    ([0, 1], "not a record written by sample.py"),
+])
+def test_a_sample_record_that_does_not_fit_its_folder_is_refused(tmp_path, record, message):
+    write_sample_folders(str(tmp_path), 2)
+    (tmp_path / ds.SAMPLES_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ds.DataError, match=message):
+        ds.read_class_folders(str(tmp_path), 3)
 
 
 def test_grayscale_and_rgba_become_rgb_and_resize(tmp_path):

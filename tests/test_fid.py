@@ -1,5 +1,6 @@
 """fid.py: the Frechet distance against a direct computation, features with a stand-in extractor,
 reference sets, the warnings, and the Inception extractor against pytorch-fid's own."""
+import json
 import os
 from unittest import mock
 
@@ -11,7 +12,7 @@ from PIL import Image
 from pytorch_fid import inception as fid_inception
 
 import fid
-from dataset import list_image_folder, load_images
+from dataset import SAMPLES_RECORD, class_name, list_image_folder, load_images, sample_file_name
 
 K = 3
 SIZE = 8
@@ -114,6 +115,20 @@ def test_reference_set_from_cpen455_csv(tmp_path):
     assert images.shape == (6, 3, SIZE, SIZE) and got.tolist() == labels
     images, got = fid.reference_set(str(root), "train", K, SIZE, classes=[2])
     assert got.tolist() == [2, 2]
+
+
+def test_reference_set_from_another_sample_py_output_takes_the_images_it_recorded(tmp_path):
+    root = tmp_path / "samples"
+    for k in range(K):  # an earlier run: 3 images per class
+        write_folder(root / class_name(k), 3, seed=k, base=50 + 50 * k)
+    for k in range(K):  # as sample.py names them
+        for i, name in enumerate(sorted(os.listdir(root / class_name(k)))):
+            os.rename(root / class_name(k) / name, root / class_name(k) / sample_file_name(i))
+    images, labels = fid.reference_set(str(root), "train", K, SIZE)
+    assert labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    (root / SAMPLES_RECORD).write_text(json.dumps({"classes": [1], "n_per_class": 2}))  # a later, smaller run
+    recorded, labels = fid.reference_set(str(root), "train", K, SIZE)
+    assert labels.tolist() == [1, 1] and torch.equal(recorded, images[3:5])
 
 
 def test_inception_extractor_equals_pytorch_fid(tmp_path):

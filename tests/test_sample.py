@@ -15,7 +15,7 @@ from PIL import Image
 import sample
 from checkpoint import save_checkpoint
 from conftest import randomize_label_parameters
-from dataset import load_images
+from dataset import load_images, read_class_folders
 from model import build_model
 from sampling import derive_seed, generate
 from test_fid import StandIn, features_of_folder, frechet_direct, random_inception_weights, write_folder
@@ -66,7 +66,7 @@ def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
                                "--batch-size", 2, "--seed", 7, "--sampler", "naive", "--device", "cpu")
     assert rc == 0, err
     names = [f"Class{k}" for k in range(K)]
-    assert sorted(os.listdir(out)) == sorted(names + [f"grid_{n}.png" for n in names])
+    assert sorted(os.listdir(out)) == sorted(names + [f"grid_{n}.png" for n in names] + ["samples.json"])
     for n in names:
         assert sorted(os.listdir(out / n)) == [f"{i:04d}.png" for i in range(5)]
         img = Image.open(out / n / "0003.png")
@@ -86,7 +86,7 @@ def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
     other = tmp_path / "s3"
     assert run_main(capsys, "--checkpoint", path, "--out-dir", other, "--n-per-class", 5,
                     "--batch-size", 2, "--seed", 8, "--sampler", "naive", "--classes", "2,0")[0] == 0
-    assert sorted(os.listdir(other)) == ["Class0", "Class2", "grid_Class0.png", "grid_Class2.png"]
+    assert sorted(os.listdir(other)) == ["Class0", "Class2", "grid_Class0.png", "grid_Class2.png", "samples.json"]
     for n in names:
         for i in range(5):
             assert (out / n / f"{i:04d}.png").read_bytes() == (same / n / f"{i:04d}.png").read_bytes()
@@ -98,9 +98,42 @@ def test_cli_files_counts_and_seed(ckpt, tmp_path, capsys):
     only = tmp_path / "s4"
     assert run_main(capsys, "--checkpoint", path, "--out-dir", only, "--n-per-class", 5,
                     "--batch-size", 2, "--seed", 7, "--sampler", "naive", "--classes", "2")[0] == 0
-    assert sorted(os.listdir(only)) == ["Class2", "grid_Class2.png"]
+    assert sorted(os.listdir(only)) == ["Class2", "grid_Class2.png", "samples.json"]
     for i in range(5):
         assert (only / "Class2" / f"{i:04d}.png").read_bytes() == (out / "Class2" / f"{i:04d}.png").read_bytes()
+
+
+def test_a_later_smaller_run_records_its_images_apart_from_those_left_beside_them(ckpt, tmp_path, capsys):
+    path, _ = ckpt
+    out = tmp_path / "s"
+    assert run_main(capsys, "--checkpoint", path, "--out-dir", out, "--n-per-class", 4, "--seed", 1)[0] == 0
+    rc, stdout, _ = run_main(capsys, "--checkpoint", path, "--out-dir", out, "--n-per-class", 2, "--seed", 2,
+                             "--classes", "1")
+    assert rc == 0 and "also holds 2 PNGs from an earlier, larger run" in stdout
+    record = json.loads((out / "samples.json").read_text())
+    assert record == {"checkpoint": path, "classes": [1], "n_per_class": 2, "seed": 2, "batch_size": None,
+                      "sampler": "fast", "guidance": 0.0}
+    # what reads the folder (bench/sample_judge.py, --fid-ref) takes this run's two images only
+    folders, _ = read_class_folders(str(out), K)
+    assert folders == [(1, [str(out / "Class1" / "0000.png"), str(out / "Class1" / "0001.png")])]
+
+
+def test_a_run_stopped_while_saving_leaves_no_record_of_the_run_before(ckpt, tmp_path, capsys, monkeypatch):
+    path, _ = ckpt
+    out = tmp_path / "s"
+    assert run_main(capsys, "--checkpoint", path, "--out-dir", out, "--n-per-class", 1)[0] == 0
+    assert (out / "samples.json").exists()
+    save_images = sample.save_images
+
+    def stopped_after_the_first_class(images, out_dir, name):
+        if name != "Class0":
+            raise KeyboardInterrupt
+        return save_images(images, out_dir, name)
+
+    monkeypatch.setattr(sample, "save_images", stopped_after_the_first_class)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(capsys, "--checkpoint", path, "--out-dir", out, "--n-per-class", 1, "--seed", 3)
+    assert not (out / "samples.json").exists()  # Class0 is of the new run, Class1 and Class2 of the old
 
 
 def test_cli_bad_inputs(ckpt, tmp_path, capsys):

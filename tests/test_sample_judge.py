@@ -99,6 +99,29 @@ def test_samples_of_some_classes_only(demo_root, saved_judge, tmp_path, capsys):
     assert result["samples"]["n"] == 12
 
 
+def test_only_the_images_sample_py_recorded_are_judged(demo_root, saved_judge, tmp_path, capsys):
+    samples = write_samples(tmp_path / "samples", 3, seed=4, draw=noise_image)  # an earlier run's
+    for k in range(4):  # sample.py's names, then a later run of two images of classes 0 and 2
+        for i, name in enumerate(sorted(os.listdir(os.path.join(samples, class_name(k))))):
+            os.rename(os.path.join(samples, class_name(k), name), os.path.join(samples, class_name(k), f"{i:04d}.png"))
+    write_samples(tmp_path / "later", 2, seed=4)
+    for k in (0, 2):
+        for i in range(2):
+            os.replace(tmp_path / "later" / class_name(k) / f"{i:03d}.png",
+                       os.path.join(samples, class_name(k), f"{i:04d}.png"))
+    record = {"checkpoint": "c.pt", "classes": [2, 0], "n_per_class": 2, "seed": 9, "guidance": 1.0}
+    with open(os.path.join(samples, "samples.json"), "w") as f:
+        json.dump(record, f)
+    code = sample_judge.main(["--data-dir", demo_root, "--judge", saved_judge, "--samples", samples,
+                              "--no-progress", "--threads", "1", "--out", str(tmp_path / "result.json")])
+    said = capsys.readouterr().out
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0 and result["sampled_by"] == record
+    assert sorted(result["samples"]["per_class"]) == [class_name(0), class_name(2)]
+    assert result["samples"]["n"] == 4 and result["samples"]["share"] >= 0.75  # not the noise beside them
+    assert "4 samples, the 2 per class that" in said and "checkpoint c.pt, seed 9, guidance 1" in said
+
+
 def test_a_single_sample_is_judged_without_a_frechet_distance(demo_root, saved_judge, tmp_path, capsys):
     samples = write_samples(tmp_path / "samples", 1, seed=3)
     for k in (1, 2, 3):
