@@ -138,6 +138,9 @@ def read_samples(folder):
     record or None). The images its samples.json lists; without one, every image of every ClassK/
     folder that exists (sample.py --classes draws a subset); an empty one is an error."""
     class_folders, record = read_class_folders(folder, NUM_CLASSES)
+    if record is not None and not class_folders:
+        raise UsageError(f"--samples {folder}: its {SAMPLES_RECORD} records an unconditional model's "
+                         f"samples, which have no class to judge")
     if not class_folders:
         raise UsageError(f"--samples {folder}: no {class_name(0)}/ .. {class_name(NUM_CLASSES - 1)}/ "
                          f"folders (the layout of sample.py --out-dir)")

@@ -151,6 +151,10 @@ def bad_cases(demo_root, saved_judge, tmp_path):
     corrupt.write_bytes(b"not a judge")
     empty = tmp_path / "empty"
     empty.mkdir()
+    unconditional = write_samples(tmp_path / "unconditional", 1, seed=0)  # older ClassK/ folders, then
+    (tmp_path / "unconditional" / "samples.json").write_text('{"classes": [null], "n_per_class": 1}')
+    stopped = write_samples(tmp_path / "stopped", 1, seed=0)
+    (tmp_path / "stopped" / "samples.json").write_text('{"classes": [0], "n_per_class": 2}')
     return {
         "--epochs must be >= 1": ["--epochs", "0"],
         "--threads must be >= 1": ["--threads", "0"],
@@ -159,6 +163,8 @@ def bad_cases(demo_root, saved_judge, tmp_path):
         "not a judge saved by --save-judge": ["--judge", str(corrupt)],
         "--samples: folder not found": ["--samples", str(tmp_path / "missing")],
         "the layout of sample.py --out-dir": ["--samples", str(empty)],
+        "records an unconditional model's samples": ["--samples", unconditional],
+        "0000.png: missing (2 of the 2 images of Class0": ["--samples", stopped],
         f"--save-judge {tmp_path} is a directory": ["--save-judge", str(tmp_path)],
         f"--out {corrupt / 'result.json'}: {corrupt} is a file": ["--out", str(corrupt / "result.json")],
         "is the same file as --save-judge": ["--save-judge", str(tmp_path / "result.json")],
