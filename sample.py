@@ -66,6 +66,7 @@ from sampling import derive_seed, generate
 PROG = "sample.py"
 UNCONDITIONAL_NAME = "Unconditional"
 GREY = 128  # what replaces the rows that completion samples, in the grids' "kept" column
+FID_FILE = "fid.json"  # in --out-dir, with --fid-ref
 
 
 def build_parser():
@@ -244,7 +245,7 @@ def check_planned_outputs(job, args):
         files += [os.path.join(out, name, sample_file_name(i)) for name in names for i in range(job.n_per_class)]
         files.append(os.path.join(out, SAMPLES_RECORD))
     if args.fid_ref is not None:
-        files.append(os.path.join(out, "fid.json"))
+        files.append(os.path.join(out, FID_FILE))
     for path in files:
         check_output("--out-dir", path)
 
@@ -325,6 +326,9 @@ def save_samples(args, job, per_class):
               "guidance": args.guidance}
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(record_path, lambda f: f.write(text.encode()))
+    fid_path = os.path.join(args.out_dir, FID_FILE)
+    if args.fid_ref is None and os.path.isfile(fid_path):  # kept: its scores may be all that is left of them
+        print(f"note: {fid_path} scores an earlier run's images, not these (its checkpoint and seed say which)")
 
 
 def save_completions(job, per_class, out_dir):
@@ -410,7 +414,7 @@ def score_fid(args, gen_feats, gen_labels, ref_feats, ref_labels):
     summary = {"fid_dims": dims, "reference": args.fid_ref, "checkpoint": args.checkpoint,
                "seed": args.seed, "sampler": args.sampler, "results": results, "warnings": messages}
     text = json.dumps(summary, indent=2)
-    atomic_write(os.path.join(args.out_dir, "fid.json"), lambda f: f.write(text.encode()))
+    atomic_write(os.path.join(args.out_dir, FID_FILE), lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -340,6 +340,11 @@ def test_cli_fid_per_class_against_direct(ckpt, tmp_path, capsys):
     assert len(warning) == 1 and "Class0 (6 generated, 3 reference)" in warning[0]
     assert "pooled" not in warning[0] and "Class1" not in warning[0]
     assert "FID pooled" in stdout
+    # a later run into the folder without --fid-ref keeps fid.json, and says it scores other images
+    scores = (out / "fid.json").read_bytes()
+    rc, stdout, _ = run_main(capsys, "--checkpoint", path, "--out-dir", out, "--n-per-class", 1, "--seed", 4)
+    assert rc == 0 and (out / "fid.json").read_bytes() == scores
+    assert f"note: {out / 'fid.json'} scores an earlier run's images, not these" in stdout
 
 
 # ---------------------------------------------------------------------------------------------
