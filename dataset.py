@@ -209,10 +209,11 @@ def read_class_folders(root, num_classes):
         folders = [(k, os.path.join(root, class_name(k))) for k in range(num_classes)]
         return [(k, item_paths(f, None, list_image_folder(f))) for k, f in folders if os.path.isdir(f)], None
     record = read_samples_record(record_path)
-    drawn = sorted(k for k in record["classes"] if k is not None)  # None: an unconditional model's
-    if any(not isinstance(k, int) or not 0 <= k < num_classes for k in drawn):
+    drawn = [k for k in record["classes"] if k is not None]  # None: an unconditional model's
+    if any(type(k) is not int or not 0 <= k < num_classes for k in drawn):
         raise DataError(f"{record_path}: its classes {record['classes']} are not all among the "
                         f"{num_classes} of {class_name(0)}..{class_name(num_classes - 1)}")
+    drawn.sort()
     n, found = record["n_per_class"], []
     for k in drawn:
         paths = [os.path.join(root, class_name(k), sample_file_name(i)) for i in range(n)]

@@ -10,9 +10,10 @@
 Writes <out-dir>/grid_ClassK.png (one grid per class), <out-dir>/ClassK/0000.png, ... (single
 8-bit PNGs), with the checkpoint's EMA weights, and <out-dir>/samples.json, the record of the run
 (checkpoint, classes, images per class, seed, batch size, sampler, guidance): a folder's readers
-(bench/sample_judge.py, --fid-ref) take only the images it lists, not older ones a larger run left. The same --seed (and --batch-size) gives the same
-images: the images of class K, batch b come from a generator seeded with a number derived from
-(--seed, K, b) alone, so they do not depend on which other classes are drawn.
+(bench/sample_judge.py, --fid-ref) take only the images it lists, not older ones a larger run
+left. The same --seed (and --batch-size) gives the same images: the images of class K, batch b
+come from a generator seeded with a number derived from (--seed, K, b) alone, so they do not
+depend on which other classes are drawn.
 
 --complete DIR keeps the top --keep-rows rows (default: half) of each image in DIR (read
 recursively, resized to the model's image size) and samples the rest under each label, or under

@@ -10,10 +10,11 @@ decay, random mirroring and shifts) on CPEN455's labelled training images at 32x
 project's validation split (10% of train.csv, stratified, seed 0, as train.py carves it), which
 it never sees. It prints its accuracy on that split, overall and per class, then the share of
 each <samples>/ClassK/ folder (sample.py's layout) that it labels as class K, and the overall
-share, beside it (where sample.py's samples.json is, only the images of the run it records); then the Frechet distance from the samples to the validation images in the
-judge's pooled features, beside that of as many random training images (the floor). --judge PATH
-reuses a judge saved with --save-judge (a plain state_dict) and trains nothing. The same --seed
-and --threads give the same judge on a CPU.
+share, beside it (where sample.py's samples.json is, only the images of the run it records);
+then the Frechet distance from the samples to the validation images in the judge's pooled
+features, beside that of as many random training images (the floor). --judge PATH reuses a judge
+saved with --save-judge (a plain state_dict) and trains nothing. The same --seed and --threads
+give the same judge on a CPU.
 
 The share says whether a sample shows its class to a classifier that is good on real images; it
 says nothing about diversity (one perfect image repeated would score 100%). The Frechet distance
@@ -154,7 +155,7 @@ def describe_samples(folder, labels, record):
     if record is None:
         return (f"{PROG}: {len(labels)} samples, every image of the ClassK/ folders of {folder} "
                 f"(no {SAMPLES_RECORD}: not written by sample.py, or by one stopped halfway)")
-    guided = f", guidance {record['guidance']:g}" if record.get("guidance") else ""
+    guided = f", guidance {record['guidance']}" if record.get("guidance") else ""
     return (f"{PROG}: {len(labels)} samples, the {record['n_per_class']} per class that "
             f"{os.path.join(folder, SAMPLES_RECORD)} lists (checkpoint {record.get('checkpoint')}, "
             f"seed {record.get('seed')}{guided})")

@@ -141,6 +141,7 @@ def test_class_folders_are_read_whole_or_as_sample_py_recorded_them(tmp_path):
 @pytest.mark.parametrize("record, message", [
     ({"classes": [0], "n_per_class": 4}, r"Class0.0002\.png: missing \(2 of the 4"),
     ({"classes": [0, 3], "n_per_class": 1}, r"its classes \[0, 3\] are not all among the 3"),
+    ({"classes": ["Class1", 0], "n_per_class": 1}, r"its classes \['Class1', 0\] are not all among"),
     ({"classes": [0]}, "not a record written by sample.py"),
     ({"classes": [0], "n_per_class": 0}, "not a record written by sample.py"),
     ([0, 1], "not a record written by sample.py"),
