@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
 
 import sample_judge  # noqa: E402
-from dataset import class_name, demo_image, make_demo_dataset  # noqa: E402
+from dataset import class_name, demo_image, make_demo_dataset, sample_file_name  # noqa: E402
 
 EPOCHS = 8
 pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")  # 32 samples, 128 features
@@ -102,13 +102,14 @@ def test_samples_of_some_classes_only(demo_root, saved_judge, tmp_path, capsys):
 def test_only_the_images_sample_py_recorded_are_judged(demo_root, saved_judge, tmp_path, capsys):
     samples = write_samples(tmp_path / "samples", 3, seed=4, draw=noise_image)  # an earlier run's
     for k in range(4):  # sample.py's names, then a later run of two images of classes 0 and 2
-        for i, name in enumerate(sorted(os.listdir(os.path.join(samples, class_name(k))))):
-            os.rename(os.path.join(samples, class_name(k), name), os.path.join(samples, class_name(k), f"{i:04d}.png"))
+        folder = os.path.join(samples, class_name(k))
+        for i, name in enumerate(sorted(os.listdir(folder))):
+            os.rename(os.path.join(folder, name), os.path.join(folder, sample_file_name(i)))
     write_samples(tmp_path / "later", 2, seed=4)
     for k in (0, 2):
         for i in range(2):
             os.replace(tmp_path / "later" / class_name(k) / f"{i:03d}.png",
-                       os.path.join(samples, class_name(k), f"{i:04d}.png"))
+                       os.path.join(samples, class_name(k), sample_file_name(i)))
     record = {"checkpoint": "c.pt", "classes": [2, 0], "n_per_class": 2, "seed": 9, "guidance": 1.0}
     with open(os.path.join(samples, "samples.json"), "w") as f:
         json.dump(record, f)
