@@ -331,9 +331,11 @@ def held_out_inputs(data_dir, which, runs, checkpoints, num_classes):
     if unchecked:  # the shipped checkpoints among them
         source += (f" (unchecked: {unchecked[0]} predates the fingerprint of the images its run held out; "
                    f"that run read {configs[checkpoints.index(unchecked[0])]['data_dir']})")
-    trained_on = configs[0]["train_on_held_out"]
-    if which in trained_on.split("+"):
-        source += f", which it also trained on (train_on_held_out {trained_on}): training figures"
+    trained = [(path, config["train_on_held_out"]) for path, config in zip(checkpoints, configs)
+               if which in config["train_on_held_out"].split("+")]
+    if trained:  # one expert that saw these images makes the product's figures training figures
+        path, trained_on = trained[0]
+        source += f", which {path}'s run also trained on (train_on_held_out {trained_on}): training figures"
     return items, item_paths(data_dir, None, items), source
 
 
