@@ -197,9 +197,18 @@ def check_out_dir(config, state):
     for name in ("last.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if (os.path.isfile(path) and not same_file(path, config["resume"])
-                and load_checkpoint(path).get("wandb_id") != state.get("wandb_id")):
-            raise UsageError(f"{path} is another run's than {config['resume']}; resuming there would replace "
-                             f"that run's files: give another --out-dir")
+                and not same_lineage(load_checkpoint(path), state)):
+            raise UsageError(f"{path} is another run's or a fork's than {config['resume']}; resuming there would "
+                             f"replace that run's files: give another --out-dir")
+
+
+def same_lineage(saved, resumed):
+    """Whether two checkpoints were written by one run in one folder: an earlier checkpoint of a
+    run may resume in its own folder (to go back to best.pt), but not in that of a fork, which keeps
+    the run's wandb_id and writes its own out_dir."""
+    def folder(state):
+        return os.path.normpath(state.get("config", {}).get("out_dir", ""))
+    return saved.get("wandb_id") == resumed.get("wandb_id") and folder(saved) == folder(resumed)
 
 
 def cut_metrics_back(out_dir, step):

@@ -174,10 +174,20 @@ def test_resuming_into_another_runs_folder_is_refused(tiny_data, tmp_path, capsy
     capsys.readouterr()
     assert train.main(["--resume", str(first / "last.pt"), "--out-dir", str(second), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert f"{second / 'last.pt'} is another run's" in err and len(err.strip().splitlines()) == 1
+    assert f"{second / 'last.pt'} is another run's or a fork's" in err and len(err.strip().splitlines()) == 1
     assert {name: (second / name).read_bytes() for name in kept} == kept
     # its own run's best.pt, in its own folder, resumes there
     assert train.main(["--resume", str(first / "best.pt"), "--out-dir", str(first), "--epochs", "2"]) == 0
+    # A fork (the run resumed in another folder) keeps the run's id, but the run's checkpoint may not
+    # resume over the fork's: the fork's epochs would be lost.
+    fork = tmp_path / "fork"
+    assert train.main(["--resume", str(first / "best.pt"), "--out-dir", str(fork), "--epochs", "3"]) == 0
+    kept = {name: (fork / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert train.main(["--resume", str(first / "best.pt"), "--out-dir", str(fork), "--epochs", "3"]) == 2
+    assert f"{fork / 'last.pt'} is another run's or a fork's" in capsys.readouterr().err
+    assert {name: (fork / name).read_bytes() for name in kept} == kept
+    assert train.main(["--resume", str(fork / "last.pt"), "--out-dir", str(fork), "--epochs", "4"]) == 0
 
 
 def test_resuming_with_another_split_is_refused(tiny_data, tmp_path, capsys):
