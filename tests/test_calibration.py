@@ -1,19 +1,24 @@
 """bench/calibration.py: on overconfident log-likelihoods the fitted temperature lowers ECE and
 NLL; on biased ones a fitted prior also wins images back, cross-fitted; --save stores exactly
-those fits in a copy of the checkpoint; bad inputs exit 2 with one line and write nothing."""
+those fits in a copy of the checkpoint, from its own logits only; bad inputs exit 2 with one line
+and write nothing."""
 import os
 import re
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(ROOT, "bench"))  # appended: bench/sampling.py must not shadow sampling.py
 
 import calibration  # noqa: E402
+import classify  # noqa: E402
 import dataset  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from conftest import randomize_label_parameters  # noqa: E402
+from model import build_model  # noqa: E402
 from utils import fit_prior, fit_temperature  # noqa: E402
 
 
@@ -46,28 +51,78 @@ def printed(out):
     return rows
 
 
-def test_the_fitted_temperature_calibrates_and_is_stored_by_save(tmp_path, capsys):
+def test_the_fitted_temperature_calibrates(tmp_path, capsys):
     ll, labels = overconfident()
     logits, csv = write_inputs(tmp_path, ll, labels)
-    checkpoint, saved = str(tmp_path / "model.pt"), str(tmp_path / "model_T.pt")
-    save_checkpoint(checkpoint, {"model": {"w": torch.arange(3.0)}, "config": {"num_classes": 4}, "step": 7})
-
-    assert calibration.main(["--logits", logits, "--csv", csv, "--checkpoint", checkpoint, "--save", saved]) == 0
+    assert calibration.main(["--logits", logits, "--csv", csv]) == 0
     rows = printed(capsys.readouterr().out)
 
     raw, fitted = rows["the model's own posterior"], rows["T fitted on these images (in-sample)"]
     assert raw["T"] == 1 and fitted["T"] > 5
     assert fitted["ECE"] < raw["ECE"] / 2 and fitted["NLL"] < raw["NLL"] / 2
+    assert fitted["T"] == pytest.approx(fit_temperature(torch.from_numpy(ll), torch.from_numpy(labels)), abs=1e-3)
     halves = [rows[f"T fitted on half {a}, scored on half {b}"] for a, b in ("AB", "BA")]
     assert all(half["ECE"] < raw["ECE"] for half in halves)
 
-    state = load_checkpoint(saved)
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """(demo data root, a tiny model's checkpoint, classify.py's --logits of its val.csv, those
+    log-likelihoods [N, 4], the labels [N]), and the same logits under --hflip and of another model."""
+    folder = tmp_path_factory.mktemp("scored")
+    data = dataset.make_demo_dataset(str(folder / "demo"), seed=1, n_per_class=2, n_val_per_class=3,
+                                     n_test_per_class=1, image_size=8)
+    config = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2, "num_classes": 4, "embedding_dim": 4,
+              "block_conditioning": "bias", "image_size": 8}
+    paths = {}
+    for seed, name in ((0, "model"), (1, "other")):
+        torch.manual_seed(seed)
+        model = randomize_label_parameters(build_model(config), seed=seed)
+        paths[name] = str(folder / f"{name}.pt")
+        save_checkpoint(paths[name], {"model": model.state_dict(), "ema": None, "config": config, "step": 7})
+    csv = os.path.join(data, "val.csv")
+    logits = {}
+    for name, checkpoint, extra in (("own", paths["model"], []), ("hflip", paths["model"], ["--hflip"]),
+                                    ("other", paths["other"], [])):
+        logits[name] = str(folder / f"{name}.npy")
+        assert classify.main(["--checkpoint", checkpoint, "--data-dir", data, "--csv", csv, "--out",
+                              str(folder / f"{name}.csv"), "--logits", logits[name], "--no-progress"] + extra) == 0
+    labels = np.array([label for _, label in dataset.parse_split_csv(csv, 4, allow_unknown=False)])
+    return data, paths["model"], logits, np.load(logits["own"]), labels
+
+
+def test_save_stores_the_fits_of_the_checkpoints_own_logits(scored, tmp_path, capsys):
+    data, checkpoint, logits, ll, labels = scored
+    saved = str(tmp_path / "model_T.pt")
+    assert calibration.main(["--logits", logits["own"], "--csv", os.path.join(data, "val.csv"), "--checkpoint",
+                             checkpoint, "--data-dir", data, "--save", saved]) == 0
+    assert f"wrote {saved}" in capsys.readouterr().out
+    state, original = load_checkpoint(saved), load_checkpoint(checkpoint)
     assert state["temperature"] == fit_temperature(torch.from_numpy(ll), torch.from_numpy(labels))
-    assert abs(state["temperature"] - fitted["T"]) < 1e-3
-    assert torch.equal(state["model"]["w"], torch.arange(3.0)) and state["step"] == 7
-    assert "temperature" not in load_checkpoint(checkpoint)
     prior_temperature, log_prior = fit_prior(torch.from_numpy(ll), torch.from_numpy(labels))
     assert state["fitted_prior"] == {"temperature": prior_temperature, "log_prior": log_prior.tolist()}
+    assert state["step"] == 7 and all(torch.equal(state["model"][k], v) for k, v in original["model"].items())
+    assert "temperature" not in original
+
+
+def test_save_refuses_logits_that_are_not_the_checkpoints_own(scored, tmp_path, capsys):
+    """Another model's logits of the same images, or the mean of two views (--hflip), would store a
+    temperature fitted on other scores."""
+    data, checkpoint, logits, ll, labels = scored
+    saved = tmp_path / "model_T.pt"
+    for name in ("other", "hflip"):
+        assert calibration.main(["--logits", logits[name], "--csv", os.path.join(data, "val.csv"), "--checkpoint",
+                                 checkpoint, "--data-dir", data, "--save", str(saved)]) == 2
+        err = capsys.readouterr().err
+        assert f"{logits[name]} is not {checkpoint}'s log p(x|c) of its first 4 images" in err
+        assert err.count("\n") == 1 and not saved.exists()
+    # The checkpoint's own logits with labels that its scores put last: T runs to its bound.
+    worst = tmp_path / "worst.csv"
+    ids = [item_id for item_id, _ in dataset.parse_split_csv(os.path.join(data, "val.csv"), 4)]
+    worst.write_text("".join(f"{item_id},{label}\n" for item_id, label in zip(ids, ll.argmin(axis=1))))
+    assert calibration.main(["--logits", logits["own"], "--csv", str(worst), "--checkpoint", checkpoint,
+                             "--data-dir", data, "--save", str(saved)]) == 2
+    assert "the fitted T is at its bound" in capsys.readouterr().err and not saved.exists()
 
 
 def test_a_fitted_prior_wins_back_what_a_biased_model_loses(tmp_path, capsys):
@@ -139,14 +194,13 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     saved = tmp_path / "saved.pt"
     five_labels = str(tmp_path / "five.pt")
     save_checkpoint(five_labels, {"model": {}, "config": {"num_classes": 5}})
-    misaligned = str(tmp_path / "misaligned.npy")  # as if of other images: the labels score lowest
-    np.save(misaligned, -ll)
     model = str(tmp_path / "model.pt")
     save_checkpoint(model, {"model": {}, "config": {"num_classes": 4}})
     cases = {
         "name the checkpoint too": ["--logits", logits, "--csv", csv, "--save", str(saved)],
         "checkpoint not found": ["--logits", logits, "--csv", csv, "--checkpoint", str(tmp_path / "no.pt"),
-                                 "--save", str(saved)],
+                                 "--data-dir", str(tmp_path), "--save", str(saved)],
+        "--save needs --data-dir": ["--logits", logits, "--csv", csv, "--checkpoint", model, "--save", str(saved)],
         "has 20 images": ["--logits", short_logits, "--csv", csv],
         "expected [images, classes]": ["--logits", flat_logits, "--csv", csv],
         "not a .npy array": ["--logits", str(text), "--csv", csv],
@@ -158,8 +212,8 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         "give the labels of the scored images": ["--logits", logits],
         "--held-out needs --checkpoint and --data-dir": ["--logits", logits, "--held-out", "val"],
         "is the same file as --csv": ["--logits", logits, "--csv", csv, "--checkpoint", model, "--save", csv],
-        "scores 4 labels, ": ["--logits", logits, "--csv", csv, "--checkpoint", five_labels, "--save", str(saved)],
-        "the fitted T is at its bound": ["--logits", misaligned, "--csv", csv, "--checkpoint", model, "--save", str(saved)],
+        "scores 4 labels, ": ["--logits", logits, "--csv", csv, "--checkpoint", five_labels,
+                              "--data-dir", str(tmp_path), "--save", str(saved)],
     }
     for message, argv in cases.items():
         try:
