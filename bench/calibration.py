@@ -87,7 +87,7 @@ def run(args):
         source = f"--held-out {args.held_out}"
     else:
         items, source = dataset.parse_split_csv(args.csv, log_likelihoods.shape[1], allow_unknown=False), args.csv
-        paths = dataset.item_paths(args.data_dir, args.csv, items) if args.data_dir else None
+        paths = dataset.item_paths(args.data_dir, args.csv, items) if args.save else None
     if len(items) != len(log_likelihoods):
         raise UsageError(f"{source} has {len(items)} images, {args.logits} {len(log_likelihoods)}")
     if args.save:
