@@ -61,8 +61,8 @@ from tqdm import tqdm
 
 import utils
 from checkpoint import atomic_write, load_model
-from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_distinct, check_output, first_error,
-                    gather_on_main, join_processes, leave_processes, report, run_cli, speed_up_cpu,
+from config import (DEFAULTS, EXIT_USER_ERROR, ArgumentParser, UsageError, check_distinct, check_output,
+                    first_error, gather_on_main, join_processes, leave_processes, report, run_cli, speed_up_cpu,
                     validation_seed)
 from dataset import (DataError, class_name, item_paths, items_digest, list_image_folder, load_images,
                      read_split_csv, root_relative, split_csv_path, split_items, to_model_input)

@@ -238,11 +238,10 @@ def check_planned_outputs(job, args):
         if os.path.commonpath([images, os.path.realpath(out)]) == images:
             raise UsageError(f"--out-dir {out} is inside --complete {args.complete}: its completions would "
                              f"join the images; give a folder outside it")
-        files = [os.path.join(out, "completions", os.path.splitext(item_id)[0] + ".png") for item_id in job.ids]
-        files.append(os.path.join(out, "grid_completions.png"))
+        files = [completion_file(out, item_id) for item_id in job.ids] + [grid_file(out, "completions")]
     else:
         names = [label_name(k) for k in job.classes]
-        files = [os.path.join(out, f"grid_{name}.png") for name in names]
+        files = [grid_file(out, name) for name in names]
         files += [os.path.join(out, name, sample_file_name(i)) for name in names for i in range(job.n_per_class)]
         files.append(os.path.join(out, SAMPLES_RECORD))
     if args.fid_ref is not None:
@@ -349,13 +348,23 @@ def save_completions(job, per_class, out_dir):
         torchvision.utils.save_image(rows.flatten(0, 1).float() / 255.0, path, nrow=columns, padding=2)
 
     for item_id, rows in zip(job.ids, cells):
-        path = os.path.join(out_dir, "completions", os.path.splitext(item_id)[0] + ".png")
+        path = completion_file(out_dir, item_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save(rows, path)
-    save(cells.flatten(0, 1), os.path.join(out_dir, "grid_completions.png"))
+    save(cells.flatten(0, 1), grid_file(out_dir, "completions"))
     print(f"wrote {len(job.ids)} grids in {os.path.join(out_dir, 'completions')} and "
-          f"{os.path.join(out_dir, 'grid_completions.png')} (columns: original, kept rows, "
+          f"{grid_file(out_dir, 'completions')} (columns: original, kept rows, "
           + ", ".join(label_name(k) for k in job.classes) + ")")
+
+
+def grid_file(out_dir, name):
+    """<out_dir>/grid_<name>.png: a class's samples, or every completion (name "completions")."""
+    return os.path.join(out_dir, f"grid_{name}.png")
+
+
+def completion_file(out_dir, item_id):
+    """<out_dir>/completions/<image>.png: the completions of the image `item_id` of --complete."""
+    return os.path.join(out_dir, "completions", os.path.splitext(item_id)[0] + ".png")
 
 
 def parse_classes(text, num_classes):
@@ -396,7 +405,7 @@ def save_images(images, out_dir, name):
     for index, image in enumerate(images):  # 8-bit RGB PNGs (torchvision.io's PNG writer is deprecated)
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, sample_file_name(index)))
     nrow = max(1, math.ceil(math.sqrt(len(images))))
-    grid_path = os.path.join(out_dir, f"grid_{name}.png")
+    grid_path = grid_file(out_dir, name)
     torchvision.utils.save_image(images.float() / 255.0, grid_path, nrow=nrow, padding=2)
     stale = [f for f in os.listdir(folder)
              if re.fullmatch(r"\d{4,}\.png", f) and int(f.split(".")[0]) >= len(images)]

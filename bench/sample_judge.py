@@ -35,7 +35,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402  (the repository root is on the path only now)
 from checkpoint import atomic_write  # noqa: E402
-from config import ArgumentParser, UsageError, check_distinct, check_output, first_line, report, speed_up_cpu  # noqa: E402
+from config import (ArgumentParser, UsageError, check_distinct, check_output, first_line, report,  # noqa: E402
+                    speed_up_cpu)
 from dataset import (SAMPLES_RECORD, class_name, item_paths, load_images, read_class_folders,  # noqa: E402
                      read_split_csv, split_csv_path, split_train_val, to_model_input)
 

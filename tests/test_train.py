@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
