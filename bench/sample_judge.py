@@ -19,7 +19,9 @@ give the same judge on a CPU.
 The share says whether a sample shows its class to a classifier that is good on real images; it
 says nothing about diversity (one perfect image repeated would score 100%). The Frechet distance
 compares the spread of the samples with that of real images, but in features learned to tell the
-classes apart, so it is a partial check on diversity and not FID. Real FID
+classes apart, so it is a partial check on diversity and not FID. Over no more images than those
+128 features (25 samples per class) the covariances are singular and the distance is biased upward:
+it says so, and then only the floor over as many images compares with it. Real FID
 (sample.py --fid-ref, with pytorch-fid's Inception weights) remains the reference where the
 weights exist.
 """
@@ -273,6 +275,9 @@ def print_table(result):
         f = result["frechet"]
         print(f"Frechet distance to the validation images in the judge's {WIDTHS[-1]} features: samples "
               f"{f['samples']:.2f}, {f['n']} random training images {f['training_images']:.2f} (the floor)")
+        if f["n"] <= WIDTHS[-1]:  # as fid.compute_fid warns: a singular covariance biases the distance upward
+            print(f"note: {f['n']} images, no more than the {WIDTHS[-1]} features: their covariance is singular, "
+                  f"so compare the samples' distance only with the floor's, over as many images")
 
 
 def fraction(r):

@@ -263,6 +263,16 @@ def test_the_frechet_floor_takes_as_many_training_images_as_samples(monkeypatch)
     assert len(floor) == 5 and len(set(floor)) == 5 and all(0 <= v < 20 for v in floor)  # 5 training images
 
 
+def test_a_frechet_distance_over_no_more_images_than_features_says_so(capsys):
+    judged = {"correct": 3, "n": 4, "share": 0.75, "per_class": {}}
+    for n, singular in ((sample_judge.WIDTHS[-1], True), (sample_judge.WIDTHS[-1] + 1, False)):
+        sample_judge.print_table({"validation": judged, "samples": judged,
+                                  "frechet": {"samples": 4.0, "training_images": 0.3, "n": n}})
+        said = capsys.readouterr().out
+        assert "random training images 0.30 (the floor)" in said
+        assert ("covariance is singular" in said) == singular
+
+
 def test_augment_draws_every_shift_up_to_shift_each_way():
     rows, cols = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
     x = torch.stack([rows, cols, rows * 0]).expand(1000, -1, -1, -1)  # each pixel holds its row and column
