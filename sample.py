@@ -351,10 +351,10 @@ def save_completions(job, per_class, out_dir):
         path = completion_file(out_dir, item_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save(rows, path)
-    save(cells.flatten(0, 1), grid_file(out_dir, "completions"))
-    print(f"wrote {len(job.ids)} grids in {os.path.join(out_dir, 'completions')} and "
-          f"{grid_file(out_dir, 'completions')} (columns: original, kept rows, "
-          + ", ".join(label_name(k) for k in job.classes) + ")")
+    grid = grid_file(out_dir, "completions")
+    save(cells.flatten(0, 1), grid)
+    print(f"wrote {len(job.ids)} grids in {os.path.join(out_dir, 'completions')} and {grid} "
+          "(columns: original, kept rows, " + ", ".join(label_name(k) for k in job.classes) + ")")
 
 
 def grid_file(out_dir, name):
