@@ -122,8 +122,7 @@ def check_own_logits(checkpoint, paths, stored, logits_path):
     to 1e-4 of their size: room for another device's float32 rounding (TF32 on a GPU), but not
     for --hflip's mean of two views (4-17 nats off on the shipped model's first 8 validation images)."""
     model, _ = load_model(checkpoint, "cpu")
-    with torch.no_grad():
-        rescored = torch.from_numpy(score_images(model, paths, stored.shape[1], len(paths), "cpu", progress=False)[0])
+    rescored = torch.from_numpy(score_images(model, paths, stored.shape[1], len(paths), "cpu", progress=False)[0])
     if not torch.allclose(rescored, stored, rtol=1e-4, atol=1e-3):
         gap = (rescored - stored).abs().max().item()
         raise UsageError(f"{logits_path} is not {checkpoint}'s log p(x|c) of its first {len(paths)} images (off by up "
