@@ -154,6 +154,7 @@ def run(args, extractor=None):
     job = ref = error = None
     try:
         job = prepare(args, device)
+        check_planned_outputs(job, args)
         # FID set-up first: a missing weights file or a bad reference folder should stop us
         # before minutes of sampling, not after. Features are needed once, on rank 0.
         if is_main and args.fid_ref is not None:
@@ -203,9 +204,7 @@ def prepare(args, device):
         raise UsageError(f"--guidance needs a model conditioned on two or more labels; {args.checkpoint} has "
                          f"{model.config['num_classes']}")
     if args.complete is None:
-        job = Job(model, classes, args.n_per_class or 25, None, [], 0)
-        check_planned_outputs(job, args)
-        return job
+        return Job(model, classes, args.n_per_class or 25, None, [], 0)
     size = model.config["image_size"]
     keep_rows = size // 2 if args.keep_rows is None else args.keep_rows
     if not 1 <= keep_rows <= size - 1:
@@ -223,9 +222,7 @@ def prepare(args, device):
     if len(set(stems)) < len(stems):
         raise DataError(f"{args.complete}: two images differ only by their extension, so their grids "
                         f"would share a name")
-    job = Job(model, classes, args.n_per_class or 1, given, ids, keep_rows)
-    check_planned_outputs(job, args)
-    return job
+    return Job(model, classes, args.n_per_class or 1, given, ids, keep_rows)
 
 
 def check_planned_outputs(job, args):
