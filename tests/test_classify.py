@@ -464,10 +464,11 @@ def test_held_out_scores_what_the_training_run_held_out(tmp_path, capsys):
         assert rc == 0 and ("run also trained on" in out) == trained_on
         assert csv_ids(tmp_path / "final.csv")[1:] == csv_ids(run / "splits" / f"{which}.csv")
     # So are the figures of a product of experts of which any one trained on them, in either order.
-    for experts in ((run / "last.pt", tmp_path / "final" / "last.pt"), (tmp_path / "final" / "last.pt", run / "last.pt")):
+    final = tmp_path / "final" / "last.pt"
+    for experts in ((run / "last.pt", final), (final, run / "last.pt")):
         rc, out, _ = run_main(capsys, "--checkpoint", *experts, "--data-dir", data, "--held-out", "val",
                               "--out", tmp_path / "pair.csv")
-        assert rc == 0 and f"which {tmp_path / 'final' / 'last.pt'}'s run also trained on" in out
+        assert rc == 0 and f"which {final}'s run also trained on" in out
 
     # The data root changed since training (a report image left train.csv): the split recomputed
     # from it is not what the run held out, and classify.py says so instead of scoring it.

@@ -7,9 +7,9 @@ import sys
 import pytest
 import yaml
 
-from config import (DEFAULTS, ArgumentParser, UsageError, check_distinct, check_output, first_error, gather_on_main, join_processes,
-                    leave_processes, merge_on_resume, parse_duration, parse_training_args, training_parser,
-                    validate_config, validation_seed)
+from config import (DEFAULTS, ArgumentParser, UsageError, check_distinct, check_output, first_error, gather_on_main,
+                    join_processes, leave_processes, merge_on_resume, parse_duration, parse_training_args,
+                    training_parser, validate_config, validation_seed)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
