@@ -24,6 +24,7 @@ item_paths(root, csv_path, items) -> list[str]
 list_image_folder(folder) -> list[(id, -1)]  every image under folder, recursively, sorted; ids
     relative to folder with "/" separators. Its files: image_path(folder, None, id).
 SAMPLES_RECORD, sample_file_name(index)  "samples.json", "0007.png": what sample.py writes
+sample_index(file_name) -> int or None    7 for "0007.png"; None for a name sample_file_name never gives
 read_class_folders(root, num_classes) -> ([(k, [paths])], sample.py's record or None)  the images
     of root's ClassK/ subfolders; where sample.py's record is, only the images of its last run.
 load_images(paths, image_size, progress=None) -> uint8 [N, 3, S, S]  RGB, resized (antialiased
@@ -53,6 +54,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -197,6 +199,12 @@ def list_image_folder(folder):
 def sample_file_name(index):
     """The name of sample.py's image `index` of a class, in its ClassK/ folder."""
     return f"{index:04d}.png"
+
+
+def sample_index(file_name):
+    """The index that sample_file_name turned into file_name, or None for any other name."""
+    match = re.fullmatch(r"(\d{4,})\.png", file_name)
+    return None if match is None else int(match.group(1))
 
 
 def read_class_folders(root, num_classes):

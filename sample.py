@@ -47,7 +47,6 @@ $TORCH_HOME/hub/checkpoints/.
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import NamedTuple
@@ -404,9 +403,8 @@ def save_images(images, out_dir, name):
     nrow = max(1, math.ceil(math.sqrt(len(images))))
     grid_path = grid_file(out_dir, name)
     torchvision.utils.save_image(images.float() / 255.0, grid_path, nrow=nrow, padding=2)
-    stale = [f for f in os.listdir(folder)
-             if re.fullmatch(r"\d{4,}\.png", f) and int(f.split(".")[0]) >= len(images)]
-    return grid_path, folder, len(stale)
+    indices = [sample_index(f) for f in os.listdir(folder)]
+    return grid_path, folder, sum(1 for i in indices if i is not None and i >= len(images))
 
 
 def score_fid(args, gen_feats, gen_labels, ref_feats, ref_labels):

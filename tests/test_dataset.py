@@ -124,6 +124,11 @@ def write_sample_folders(root, n_per_class, classes=(0, 1, 2)):
             write_png(os.path.join(root, ds.class_name(k), ds.sample_file_name(i)), color=(k, i, 0))
 
 
+def test_a_sample_file_name_gives_back_its_index():
+    assert [ds.sample_index(ds.sample_file_name(i)) for i in (0, 7, 12345)] == [0, 7, 12345]
+    assert [ds.sample_index(name) for name in ("7.png", "0007.jpg", "grid_Class0.png", "0007.png~")] == [None] * 4
+
+
 def test_class_folders_are_read_whole_or_as_sample_py_recorded_them(tmp_path):
     root = str(tmp_path)
     write_sample_folders(root, 3)  # an earlier run: three classes, three images each
