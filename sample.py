@@ -60,7 +60,7 @@ from checkpoint import atomic_write, load_model
 from config import (EXIT_USER_ERROR, ArgumentParser, UsageError, check_output, first_error, gather_on_main,
                     join_processes, leave_processes, report, run_cli, speed_up_cpu)
 from dataset import (SAMPLES_RECORD, DataError, class_name, image_path, list_image_folder, load_images,
-                     sample_file_name)
+                     sample_file_name, sample_index)
 from sampling import derive_seed, generate
 
 PROG = "sample.py"
